@@ -1,0 +1,44 @@
+# One-command set-up: `make test` and `make demo` create the virtual
+# environment, install the pinned dependencies and detectron2, build the
+# extension, then run. Every step is skipped when its result is up to date.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+DEMO_OUT ?= output/demo
+PYTEST_ARGS ?=
+
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+ENV_STAMP := $(VENV)/.dcnv2-env-stamp
+EXT_STAMP := build/.dcnv2-ext-stamp
+
+.PHONY: env ext test demo bench cuda-compile clean
+
+env: $(ENV_STAMP)
+
+$(ENV_STAMP): requirements.txt tools/bootstrap_env.sh tools/install_detectron2.sh
+	VENV=$(VENV) bash tools/bootstrap_env.sh
+	@touch $@
+
+ext: $(EXT_STAMP)
+
+$(EXT_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
+	@echo "==> building the dcnv2 extension (C++$(if $(FORCE_CUDA), + CUDA,))"
+	$(PYTHON) setup.py -q build_ext --inplace
+	@mkdir -p build && touch $@
+
+test: ext
+	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+demo: ext
+	$(PYTHON) tools/demo.py --output $(DEMO_OUT)
+
+bench: ext
+	$(PYTHON) benchmarks/bench_ops.py
+
+# Compile (not run) the CUDA kernels for one architecture, into a scratch
+# build folder: CI has no GPU but must fail on CUDA code that does not build.
+cuda-compile: $(ENV_STAMP)
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+		$(PYTHON) setup.py -q build_ext --build-temp build/cuda-compile/tmp --build-lib build/cuda-compile/lib
+
+clean:
+	rm -rf build dcnv2_plugin/_C*.so

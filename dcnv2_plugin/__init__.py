@@ -1,0 +1,11 @@
+"""Deformable ConvNets v2 for Detectron2.
+
+Importing this package makes detectron2 importable even without its compiled
+ops (see `_detectron2_compat`), registers the deformable backbones, poolers
+and ROI heads in detectron2's registries, and exposes `add_dcnv2_config`.
+"""
+from . import _detectron2_compat
+
+_detectron2_compat.install()
+
+from . import ops  # noqa: E402

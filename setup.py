@@ -1,0 +1,57 @@
+"""Builds dcnv2_plugin and its compiled operators (dcnv2_plugin._C).
+
+The extension is a CUDAExtension when a GPU is visible or FORCE_CUDA=1 (CI
+uses that to compile the CUDA kernels on a machine without a GPU), else a
+CppExtension with the CPU kernels only.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _use_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def get_extensions():
+    # setuptools wants paths relative to this file.
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    # OpenMP makes at::parallel_for multi-threaded inside the kernels.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extra_link_args = ["-fopenmp"]
+    define_macros = []
+    extension = CppExtension
+    if _use_cuda():
+        extension = CUDAExtension
+        sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    return [
+        extension(
+            "dcnv2_plugin._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    ]
+
+
+setup(
+    name="dcnv2_plugin",
+    version="0.1.0",
+    description="Deformable ConvNets v2 for Detectron2: modulated deformable convolution and RoI pooling",
+    packages=find_packages(exclude=("tests", "benchmarks", "tools")),
+    python_requires=">=3.10",
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    extras_require={"bench": ["onnx", "onnxruntime"]},
+)
