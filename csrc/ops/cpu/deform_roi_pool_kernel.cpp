@@ -1,0 +1,423 @@
+// CPU kernels of (modulated) deformable RoI pooling (DCNv2, Eq. 2):
+//
+//   y(k) = sum_j x(p_kj + dp_k) * dm_k / n_k
+//
+// Bin k of a RoI averages n_k bilinear samples laid out as in RoIAlign
+// (aligned=True: pixel centres at +0.5, no minimum RoI size), after the whole
+// bin is shifted by dp_k = gamma * offset_k * (roi width, roi height), then it
+// is scaled by dm_k. The bilinear taps of every sample of a chunk of RoIs are
+// tabulated once and reused for all channels.
+//
+// Parallel loops write disjoint outputs (RoIs in forward and for the offset
+// and mask gradients, channels for the input gradient), so results do not
+// depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace dcnv2 {
+namespace ops {
+
+namespace {
+
+// Upper bound on the tabulated samples of one chunk of RoIs.
+constexpr int64_t kMaxTapsPerChunk = int64_t(1) << 18;
+
+struct PoolGeometry {
+  int64_t batch, channels, height, width;
+  int64_t num_rois, pooled_h, pooled_w;
+  double spatial_scale, gamma;
+  int64_t sampling_ratio;
+
+  int64_t bins() const { return pooled_h * pooled_w; }
+};
+
+// Where one RoI samples: its box in feature coordinates and its grid.
+template <typename T>
+struct RoiLayout {
+  int64_t batch_index;
+  T start_h, start_w, height, width, bin_h, bin_w;
+  int64_t grid_h, grid_w;
+  T inv_count;
+  int64_t first_tap;  // index of its first sample in the chunk's tap table
+
+  int64_t samples_per_bin() const { return grid_h * grid_w; }
+};
+
+template <typename T>
+struct Taps {
+  int32_t index[4];
+  T weight[4];
+  T d_dy[4];
+  T d_dx[4];
+};
+
+// Bilinear taps as in RoIAlign: samples up to one pixel outside the map are
+// clamped onto its border (where the coordinate derivative is then zero),
+// samples further out read zero.
+template <typename T>
+inline void compute_taps(T y, T x, int64_t height, int64_t width, Taps<T>& taps) {
+  for (int i = 0; i < 4; ++i) {
+    taps.index[i] = 0;
+    taps.weight[i] = taps.d_dy[i] = taps.d_dx[i] = T(0);
+  }
+  if (!(y >= T(-1) && y <= T(height) && x >= T(-1) && x <= T(width))) {
+    return;  // also rejects NaN
+  }
+  bool y_free = true, x_free = true;
+  if (y <= T(0)) {
+    y = T(0);
+    y_free = false;
+  }
+  if (x <= T(0)) {
+    x = T(0);
+    x_free = false;
+  }
+  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x);
+  int64_t y_high, x_high;
+  if (y_low >= height - 1) {
+    y_high = y_low = height - 1;
+    y = T(y_low);
+    y_free = false;
+  } else {
+    y_high = y_low + 1;
+  }
+  if (x_low >= width - 1) {
+    x_high = x_low = width - 1;
+    x = T(x_low);
+    x_free = false;
+  } else {
+    x_high = x_low + 1;
+  }
+  const T ly = y - T(y_low), lx = x - T(x_low);
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  const int64_t ys[4] = {y_low, y_low, y_high, y_high};
+  const int64_t xs[4] = {x_low, x_high, x_low, x_high};
+  const T weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+  const T d_dy[4] = {-hx, -lx, hx, lx};
+  const T d_dx[4] = {-hy, hy, -ly, ly};
+  for (int i = 0; i < 4; ++i) {
+    taps.index[i] = static_cast<int32_t>(ys[i] * width + xs[i]);
+    taps.weight[i] = weight[i];
+    taps.d_dy[i] = y_free ? d_dy[i] : T(0);
+    taps.d_dx[i] = x_free ? d_dx[i] : T(0);
+  }
+}
+
+template <typename T>
+RoiLayout<T> roi_layout(const PoolGeometry& g, const T* roi) {
+  RoiLayout<T> r{};
+  r.batch_index = std::isfinite(roi[0]) ? static_cast<int64_t>(roi[0]) : -1;
+  const T scale = static_cast<T>(g.spatial_scale);
+  // aligned=True: a box edge at x maps to continuous coordinate x*scale - 0.5.
+  r.start_w = roi[1] * scale - T(0.5);
+  r.start_h = roi[2] * scale - T(0.5);
+  r.width = roi[3] * scale - T(0.5) - r.start_w;
+  r.height = roi[4] * scale - T(0.5) - r.start_h;
+  r.bin_h = r.height / static_cast<T>(g.pooled_h);
+  r.bin_w = r.width / static_cast<T>(g.pooled_w);
+  r.grid_h = 0;
+  r.grid_w = 0;
+  if (g.sampling_ratio > 0) {
+    r.grid_h = r.grid_w = g.sampling_ratio;
+  } else if (std::isfinite(r.bin_h) && std::isfinite(r.bin_w)) {
+    // Adaptive grid, as RoIAlign: ceil(bin size) samples per side; a
+    // degenerate or inverted RoI gets none and pools to zero.
+    r.grid_h = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(r.bin_h)));
+    r.grid_w = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(r.bin_w)));
+  }
+  r.inv_count = T(1) / static_cast<T>(std::max<int64_t>(r.grid_h * r.grid_w, 1));
+  return r;
+}
+
+// Offset of bin `bin` of RoI `k`, in feature pixels: (dy, dx).
+template <typename T>
+inline void bin_shift(const PoolGeometry& g, const T* offset, const RoiLayout<T>& r, int64_t k, int64_t bin, T& dy, T& dx) {
+  dy = dx = T(0);
+  if (offset) {
+    const T gamma = static_cast<T>(g.gamma);
+    dx = gamma * offset[(k * 2 + 0) * g.bins() + bin] * r.width;
+    dy = gamma * offset[(k * 2 + 1) * g.bins() + bin] * r.height;
+  }
+}
+
+// A chunk of RoIs [k0, k1) with the taps of all their samples, laid out
+// [roi][bin][sample].
+template <typename T>
+struct RoiChunk {
+  int64_t k0 = 0, k1 = 0;
+  std::vector<RoiLayout<T>> layouts;
+  std::vector<Taps<T>> taps;
+};
+
+// Splits all RoIs into chunks whose tap tables stay under kMaxTapsPerChunk
+// (a single large RoI may exceed it on its own).
+template <typename T>
+std::vector<RoiChunk<T>> plan_chunks(const PoolGeometry& g, const T* rois) {
+  std::vector<RoiChunk<T>> chunks;
+  RoiChunk<T> current;
+  int64_t taps = 0;
+  for (int64_t k = 0; k < g.num_rois; ++k) {
+    RoiLayout<T> r = roi_layout(g, rois + k * 5);
+    TORCH_CHECK(
+        r.batch_index >= 0 && r.batch_index < g.batch, "deform_roi_pool: rois[", k, ", 0] = ", rois[k * 5],
+        " is not a batch index of input (batch size ", g.batch, ")");
+    const int64_t roi_taps = g.bins() * r.samples_per_bin();
+    if (!current.layouts.empty() && taps + roi_taps > kMaxTapsPerChunk) {
+      current.k1 = k;
+      chunks.push_back(std::move(current));
+      current = RoiChunk<T>();
+      current.k0 = k;
+      taps = 0;
+    }
+    r.first_tap = taps;
+    taps += roi_taps;
+    current.layouts.push_back(r);
+  }
+  current.k1 = g.num_rois;
+  if (!current.layouts.empty()) {
+    chunks.push_back(std::move(current));
+  }
+  return chunks;
+}
+
+template <typename T>
+void fill_taps(const PoolGeometry& g, const T* offset, RoiChunk<T>& chunk) {
+  const RoiLayout<T>& last = chunk.layouts.back();
+  chunk.taps.resize(last.first_tap + g.bins() * last.samples_per_bin());
+  at::parallel_for(chunk.k0, chunk.k1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const RoiLayout<T>& r = chunk.layouts[k - chunk.k0];
+      Taps<T>* t = chunk.taps.data() + r.first_tap;
+      for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
+        for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
+          T dy, dx;
+          bin_shift(g, offset, r, k, ph * g.pooled_w + pw, dy, dx);
+          for (int64_t iy = 0; iy < r.grid_h; ++iy) {
+            const T y = r.start_h + dy + T(ph) * r.bin_h + (T(iy) + T(0.5)) * r.bin_h / T(r.grid_h);
+            for (int64_t ix = 0; ix < r.grid_w; ++ix) {
+              const T x = r.start_w + dx + T(pw) * r.bin_w + (T(ix) + T(0.5)) * r.bin_w / T(r.grid_w);
+              compute_taps(y, x, g.height, g.width, *t++);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+PoolGeometry check_and_make_geometry(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& mask,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale,
+    int64_t sampling_ratio,
+    double gamma) {
+  TORCH_CHECK(input.dim() == 4, "deform_roi_pool: input must be 4-D, got ", input.dim(), "-D");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "deform_roi_pool: rois must be [K, 5], got ", rois.sizes());
+  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "deform_roi_pool: output size must be positive");
+  TORCH_CHECK(input.scalar_type() == rois.scalar_type(), "deform_roi_pool: rois must have input's dtype");
+  PoolGeometry g{};
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.num_rois = rois.size(0);
+  g.pooled_h = pooled_height;
+  g.pooled_w = pooled_width;
+  g.spatial_scale = spatial_scale;
+  g.sampling_ratio = sampling_ratio;
+  g.gamma = gamma;
+  if (offset.has_value()) {
+    TORCH_CHECK(
+        offset->dim() == 4 && offset->size(0) == g.num_rois && offset->size(1) == 2 &&
+            offset->size(2) == pooled_height && offset->size(3) == pooled_width,
+        "deform_roi_pool: offset has shape ", offset->sizes(), ", expected [", g.num_rois, ", 2, ", pooled_height,
+        ", ", pooled_width, "]");
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(
+        mask->dim() == 4 && mask->size(0) == g.num_rois && mask->size(1) == 1 && mask->size(2) == pooled_height &&
+            mask->size(3) == pooled_width,
+        "deform_roi_pool: mask has shape ", mask->sizes(), ", expected [", g.num_rois, ", 1, ", pooled_height, ", ",
+        pooled_width, "]");
+  }
+  TORCH_CHECK(g.height * g.width < (int64_t(1) << 31), "deform_roi_pool: input plane too large");
+  return g;
+}
+
+template <typename T>
+inline T sample(const Taps<T>& t, const T* x) {
+  return t.weight[0] * x[t.index[0]] + t.weight[1] * x[t.index[1]] + t.weight[2] * x[t.index[2]] +
+      t.weight[3] * x[t.index[3]];
+}
+
+at::Tensor deform_roi_pool_forward_kernel(
+    const at::Tensor& input_,
+    const at::Tensor& rois_,
+    const std::optional<at::Tensor>& offset_,
+    const std::optional<at::Tensor>& mask_,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale,
+    int64_t sampling_ratio,
+    double gamma) {
+  const PoolGeometry g = check_and_make_geometry(
+      input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor rois = rois_.contiguous();
+  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
+  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  at::Tensor output = at::zeros({g.num_rois, g.channels, g.pooled_h, g.pooled_w}, input.options());
+  if (g.num_rois == 0 || g.height * g.width == 0) {
+    return output;
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_forward_cpu", [&] {
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* offset_ptr = offset.defined() ? offset.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = output.data_ptr<scalar_t>();
+    const int64_t plane = g.height * g.width, bins = g.bins();
+    for (auto& chunk : plan_chunks<scalar_t>(g, rois.data_ptr<scalar_t>())) {
+      fill_taps(g, offset_ptr, chunk);
+      at::parallel_for(chunk.k0 * g.channels, chunk.k1 * g.channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t kc = begin; kc < end; ++kc) {
+          const int64_t k = kc / g.channels, c = kc % g.channels;
+          const RoiLayout<scalar_t>& r = chunk.layouts[k - chunk.k0];
+          const scalar_t* xc = x + (r.batch_index * g.channels + c) * plane;
+          const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap;
+          const int64_t samples = r.samples_per_bin();
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            scalar_t sum = 0;
+            for (int64_t s = 0; s < samples; ++s) {
+              sum += sample(*t++, xc);
+            }
+            const scalar_t m = mask_ptr ? mask_ptr[k * bins + bin] : scalar_t(1);
+            out[kc * bins + bin] = sum * r.inv_count * m;
+          }
+        }
+      });
+    }
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
+    const at::Tensor& grad_,
+    const at::Tensor& input_,
+    const at::Tensor& rois_,
+    const std::optional<at::Tensor>& offset_,
+    const std::optional<at::Tensor>& mask_,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    double spatial_scale,
+    int64_t sampling_ratio,
+    double gamma) {
+  const PoolGeometry g = check_and_make_geometry(
+      input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
+  TORCH_CHECK(
+      grad_.dim() == 4 && grad_.size(0) == g.num_rois && grad_.size(1) == g.channels &&
+          grad_.size(2) == g.pooled_h && grad_.size(3) == g.pooled_w,
+      "deform_roi_pool backward: grad has shape ", grad_.sizes());
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor rois = rois_.contiguous();
+  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
+  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  at::Tensor grad_input = at::zeros_like(input);
+  at::Tensor grad_offset = offset.defined() ? at::zeros_like(offset) : at::empty({0}, input.options());
+  at::Tensor grad_mask = mask.defined() ? at::zeros_like(mask) : at::empty({0}, input.options());
+  if (g.num_rois == 0 || g.height * g.width == 0) {
+    return {grad_input, grad_offset, grad_mask};
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* gy = grad.data_ptr<scalar_t>();
+    const scalar_t* offset_ptr = offset.defined() ? offset.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = grad_input.data_ptr<scalar_t>();
+    const int64_t plane = g.height * g.width, bins = g.bins();
+    for (auto& chunk : plan_chunks<scalar_t>(g, rois.data_ptr<scalar_t>())) {
+      fill_taps(g, offset_ptr, chunk);
+      // Input gradient: one channel per task, so RoIs sharing pixels never
+      // write concurrently.
+      at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t k = chunk.k0; k < chunk.k1; ++k) {
+            const RoiLayout<scalar_t>& r = chunk.layouts[k - chunk.k0];
+            scalar_t* gxc = gx + (r.batch_index * g.channels + c) * plane;
+            const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap;
+            const int64_t samples = r.samples_per_bin();
+            for (int64_t bin = 0; bin < bins; ++bin) {
+              const scalar_t m = mask_ptr ? mask_ptr[k * bins + bin] : scalar_t(1);
+              const scalar_t gv = gy[(k * g.channels + c) * bins + bin] * r.inv_count * m;
+              for (int64_t s = 0; s < samples; ++s, ++t) {
+                for (int i = 0; i < 4; ++i) {
+                  gxc[t->index[i]] += t->weight[i] * gv;
+                }
+              }
+            }
+          }
+        }
+      });
+      if (!offset_ptr && !mask_ptr) {
+        continue;
+      }
+      // Offset and mask gradients: one RoI per task, summed over channels.
+      at::parallel_for(chunk.k0, chunk.k1, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const RoiLayout<scalar_t>& r = chunk.layouts[k - chunk.k0];
+          const int64_t samples = r.samples_per_bin();
+          const scalar_t gamma_t = static_cast<scalar_t>(g.gamma);
+          for (int64_t bin = 0; bin < bins; ++bin) {
+            scalar_t acc_y = 0, acc_x = 0, acc_v = 0;
+            for (int64_t c = 0; c < g.channels; ++c) {
+              const scalar_t* xc = x + (r.batch_index * g.channels + c) * plane;
+              const scalar_t gv = gy[(k * g.channels + c) * bins + bin];
+              const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap + bin * samples;
+              scalar_t sy = 0, sx = 0, sv = 0;
+              for (int64_t s = 0; s < samples; ++s, ++t) {
+                for (int i = 0; i < 4; ++i) {
+                  const scalar_t v = xc[t->index[i]];
+                  sy += t->d_dy[i] * v;
+                  sx += t->d_dx[i] * v;
+                  sv += t->weight[i] * v;
+                }
+              }
+              acc_y += gv * sy;
+              acc_x += gv * sx;
+              acc_v += gv * sv;
+            }
+            const scalar_t m = mask_ptr ? mask_ptr[k * bins + bin] : scalar_t(1);
+            if (offset_ptr) {
+              // d(sample)/d(offset) = gamma * roi size.
+              grad_offset.data_ptr<scalar_t>()[(k * 2 + 0) * bins + bin] = acc_x * r.inv_count * m * gamma_t * r.width;
+              grad_offset.data_ptr<scalar_t>()[(k * 2 + 1) * bins + bin] = acc_y * r.inv_count * m * gamma_t * r.height;
+            }
+            if (mask_ptr) {
+              grad_mask.data_ptr<scalar_t>()[k * bins + bin] = acc_v * r.inv_count;
+            }
+          }
+        }
+      });
+    }
+  });
+  return {grad_input, grad_offset, grad_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcnv2, CPU, m) {
+  m.impl("deform_roi_pool", deform_roi_pool_forward_kernel);
+  m.impl("_deform_roi_pool_backward", deform_roi_pool_backward_kernel);
+}
+
+}  // namespace ops
+}  // namespace dcnv2

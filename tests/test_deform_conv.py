@@ -1,0 +1,201 @@
+"""Modulated deformable convolution against torchvision's deform_conv2d,
+gradcheck, opcheck, dtypes, thread-count invariance and argument errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.autograd import gradcheck
+
+from conftest import DEVICES
+from dcnv2_plugin.ops import ModulatedDeformConv2d, deform_conv2d
+
+# (batch, in, out, height, width, kernel, stride, padding, dilation, groups, offset_groups, offset scale)
+CONFIGS = [
+    (2, 4, 6, 7, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1.0),
+    (1, 6, 4, 9, 7, (3, 2), (2, 1), (1, 0), (2, 1), 2, 3, 2.0),  # non-square, stride, dilation, groups
+    (3, 4, 4, 5, 6, (1, 3), (1, 2), (0, 2), (1, 2), 4, 2, 1.5),  # depthwise-style groups
+    (1, 2, 3, 4, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 8.0),  # many samples outside the map
+    (0, 4, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, 1.0),  # empty batch
+]
+IDS = ["basic", "odd-kernel-stride-dilation-groups", "depthwise-offset-groups", "outside-map", "batch-0"]
+
+
+def make_inputs(config, dtype, device, use_mask=True, requires_grad=True):
+    batch, cin, cout, h, w, (kh, kw), stride, pad, dil, groups, ogroups, scale = config
+    out_h = (h + 2 * pad[0] - (dil[0] * (kh - 1) + 1)) // stride[0] + 1
+    out_w = (w + 2 * pad[1] - (dil[1] * (kw - 1) + 1)) // stride[1] + 1
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, fn=torch.randn):
+        return fn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    x = rand(batch, cin, h, w)
+    weight = rand(cout, cin // groups, kh, kw)
+    bias = rand(cout)
+    offset = (torch.randn(batch, 2 * ogroups * kh * kw, out_h, out_w, generator=g, dtype=torch.float64) * scale)
+    offset = offset.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    mask = rand(batch, ogroups * kh * kw, out_h, out_w, fn=torch.rand) if use_mask else None
+    return x, offset, weight, bias, mask, dict(stride=stride, padding=pad, dilation=dil)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_mask", [True, False], ids=["dcnv2", "dcnv1"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_matches_torchvision_forward_and_gradients(config, use_mask, device):
+    x, offset, weight, bias, mask, kw = make_inputs(config, torch.float64, device, use_mask)
+    tensors = [t for t in (x, offset, weight, bias, mask) if t is not None]
+    ours = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+    theirs = torchvision.ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, tensors, grad_out, allow_unused=True)
+    theirs_grads = torch.autograd.grad(theirs, tensors, grad_out, allow_unused=True)
+    for name, a, b in zip(["input", "offset", "weight", "bias", "mask"], ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_offsets_on_the_pixel_grid_match_torchvision_gradients(device):
+    # Integer sampling points, including y = -1 / x = -1 from the padding: the
+    # border case where the offset gradient is one-sided.
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=device)
+    offset = torch.zeros(1, 18, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.rand(1, 9, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    ours = deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    theirs = torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    torch.testing.assert_close(ours, theirs)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, offset, mask), g), torch.autograd.grad(theirs, (x, offset, mask), g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_mask", [True, False], ids=["dcnv2", "dcnv1"])
+@pytest.mark.parametrize("config", CONFIGS[:3] + CONFIGS[4:], ids=IDS[:3] + IDS[4:])
+def test_gradcheck(config, use_mask, device):
+    x, offset, weight, bias, mask, kw = make_inputs(config, torch.float64, device, use_mask)
+
+    def fn(x, offset, weight, bias, mask):
+        return deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+
+    assert gradcheck(fn, (x, offset, weight, bias, mask), nondet_tol=1e-10 if device == "cuda" else 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[0], torch.float64, device, requires_grad=False)
+    # Same values, other memory layouts: channels-last input, transposed weight storage, strided offsets.
+    x_nc = x.to(memory_format=torch.channels_last)
+    weight_nc = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    offset_nc = torch.cat([offset, offset], dim=3)[..., : offset.shape[3]]
+    assert not offset_nc.is_contiguous() and not weight_nc.is_contiguous() and not x_nc.is_contiguous()
+    torch.testing.assert_close(
+        deform_conv2d(x_nc, offset_nc, weight_nc, bias, mask=mask, **kw),
+        deform_conv2d(x, offset, weight, bias, mask=mask, **kw),
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype,device,tol",
+    [
+        (torch.float32, "cpu", 1e-5),
+        pytest.param(torch.float32, "cuda", 1e-4, marks=DEVICES[1].marks),
+        pytest.param(torch.float16, "cuda", 2e-2, marks=DEVICES[1].marks),
+        pytest.param(torch.bfloat16, "cuda", 1e-1, marks=DEVICES[1].marks),
+    ],
+)
+def test_lower_precision_dtypes_match_float64(dtype, device, tol):
+    inputs = make_inputs(CONFIGS[0], torch.float64, device, requires_grad=False)
+    x, offset, weight, bias, mask, kw = inputs
+    expected = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+    cast = [t.to(dtype).requires_grad_() for t in (x, offset, weight, bias, mask)]
+    out = deform_conv2d(cast[0], cast[1], cast[2], cast[3], mask=cast[4], **kw)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 10)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in cast)
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[1], torch.float32, "cpu")
+    # Larger than one column chunk's worth of parallel tasks.
+    x = torch.randn(2, 6, 20, 24, requires_grad=True)
+    out_h, out_w = (20 + 2 - 5) // 2 + 1, 24 - 1
+    offset = torch.randn(2, offset.shape[1], out_h, out_w, requires_grad=True)
+    mask = torch.rand(2, mask.shape[1], out_h, out_w, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+            grads = torch.autograd.grad(out, (x, offset, weight, bias, mask), torch.ones_like(out))
+            results.append((out,) + grads)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_opcheck():
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[1], torch.float64, "cpu")
+    args = (x, weight, offset, mask, bias, *kw["stride"], *kw["padding"], *kw["dilation"], 2, 3)
+    torch.library.opcheck(torch.ops.dcnv2.deform_conv2d, args)
+    torch.library.opcheck(torch.ops.dcnv2.deform_conv2d, (x, weight, offset, None, None) + args[5:])
+    grad = torch.randn_like(torch.ops.dcnv2.deform_conv2d(*args))
+    detached = [t.detach() for t in args[:5]]
+    torch.library.opcheck(torch.ops.dcnv2._deform_conv2d_backward, (grad, *detached) + args[5:])
+
+
+def test_module_starts_as_half_a_regular_conv():
+    torch.manual_seed(0)
+    layer = ModulatedDeformConv2d(4, 5, 3, stride=2, padding=2, dilation=2, groups=1, offset_groups=2)
+    x = torch.randn(2, 4, 9, 11)
+    regular = F.conv2d(x, layer.weight, layer.bias, stride=2, padding=2, dilation=2)
+    bias = layer.bias.view(1, -1, 1, 1)
+    # sigmoid(0) = 0.5 scales the sampled values, not the bias.
+    torch.testing.assert_close(layer(x), (regular - bias) * 0.5 + bias)
+    v1 = ModulatedDeformConv2d(4, 5, (3, 1), padding=(1, 0), modulated=False)
+    torch.testing.assert_close(v1(x), F.conv2d(x, v1.weight, v1.bias, padding=(1, 0)))
+    assert v1.conv_offset.out_channels == 2 * 3 and layer.conv_offset.out_channels == 2 * 3 * 9
+
+
+def test_module_trains_its_offsets():
+    torch.manual_seed(0)
+    layer = ModulatedDeformConv2d(3, 4, 3, padding=1)
+    layer(torch.randn(1, 3, 6, 6)).square().sum().backward()
+    # Zero-initialized, but the offset conv's own parameters get gradient.
+    assert layer.conv_offset.weight.grad.abs().sum() > 0
+    assert layer.conv_offset.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda a: {**a, "input": a["input"][0]}, ValueError, "input must be a 4-D"),
+        (lambda a: {**a, "weight": a["weight"][:, :3]}, ValueError, "weight expects 3 input channels per group"),
+        (lambda a: {**a, "weight": torch.randn(5, 2, 3, 3, dtype=torch.float64)}, ValueError, "not divisible by groups"),
+        (lambda a: {**a, "offset": a["offset"][:, :17]}, ValueError, "offset must have 2 \\* offset_groups"),
+        (lambda a: {**a, "offset": a["offset"][:, :, :3]}, ValueError, "offset must have shape"),
+        (lambda a: {**a, "mask": a["mask"][:, :4]}, ValueError, "mask must have shape"),
+        (lambda a: {**a, "bias": torch.zeros(3, dtype=torch.float64)}, ValueError, "bias must have 6"),
+        (lambda a: {**a, "weight": a["weight"].float()}, TypeError, "weight has dtype torch.float32"),
+        (lambda a: {**a, "input": a["input"].long(), "weight": a["weight"].long()}, TypeError, "input has dtype torch.int64"),
+        (lambda a: {**a, "mask": a["mask"].to("meta")}, ValueError, "mask is on meta"),
+        (lambda a: {**a, "stride": 0}, ValueError, "stride must be positive"),
+        (lambda a: {**a, "input": a["input"][:, :, :1, :1], "padding": 0}, ValueError, "output would be empty"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, error, match):
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[0], torch.float64, "cpu", requires_grad=False)
+    args = change(dict(input=x, offset=offset, weight=weight, bias=bias, mask=mask, **kw))
+    with pytest.raises(error, match=match):
+        deform_conv2d(**args)
+
+
+def test_direct_op_call_with_bad_shapes_raises_instead_of_crashing():
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(RuntimeError, match="offset has shape"):
+        torch.ops.dcnv2.deform_conv2d(x, torch.randn(4, 4, 3, 3), torch.randn(1, 18, 2, 2), None, None, 1, 1, 1, 1, 1, 1, 1, 1)
