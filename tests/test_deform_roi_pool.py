@@ -201,3 +201,14 @@ def test_bad_batch_index_raises_instead_of_crashing():
     rois[1, 0] = 7
     with pytest.raises(RuntimeError, match="is not a batch index"):
         deform_roi_pool(x, rois, offset, mask, output_size=(3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_pools_in_float32(device):
+    x, rois, offset, mask = make_inputs(device, dtype=torch.float32)
+    expected = deform_roi_pool(x, rois, offset, mask, output_size=(3, 4))
+    low = torch.bfloat16
+    with torch.autocast(device, dtype=low):
+        out = deform_roi_pool(x.to(low), rois, offset.to(low), mask, output_size=(3, 4))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=5e-2, atol=5e-2)

@@ -26,6 +26,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/sampling.h"
+
 namespace dcnv2 {
 namespace ops {
 
@@ -115,49 +117,6 @@ ConvGeometry check_and_make_geometry(
   return g;
 }
 
-// The four bilinear taps of one sampling point, with the derivatives of their
-// weights with respect to the sampling coordinates. A tap outside the map has
-// weight 0 and index 0, so gathers need no branch. This reproduces
-// torchvision's deform_conv2d, including its one-sided coordinate gradient at
-// the border (a point at y = -1 still "sees" row 0 through its gradient).
-template <typename T>
-struct Taps {
-  int32_t index[4];
-  T weight[4];
-  T d_dy[4];
-  T d_dx[4];
-};
-
-template <typename T>
-inline void compute_taps(T y, T x, int64_t height, int64_t width, Taps<T>& taps) {
-  for (int i = 0; i < 4; ++i) {
-    taps.index[i] = 0;
-    taps.weight[i] = taps.d_dy[i] = taps.d_dx[i] = T(0);
-  }
-  // Beyond one pixel outside the map every tap is invalid; this also keeps
-  // NaN and huge offsets away from the integer conversion below.
-  if (!(y > T(-2) && y < T(height + 1) && x > T(-2) && x < T(width + 1))) {
-    return;
-  }
-  const int64_t y_low = static_cast<int64_t>(std::floor(y));
-  const int64_t x_low = static_cast<int64_t>(std::floor(x));
-  const T ly = y - T(y_low), lx = x - T(x_low);
-  const T hy = T(1) - ly, hx = T(1) - lx;
-  const int64_t ys[4] = {y_low, y_low, y_low + 1, y_low + 1};
-  const int64_t xs[4] = {x_low, x_low + 1, x_low, x_low + 1};
-  const T weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-  const T d_dy[4] = {-hx, -lx, hx, lx};
-  const T d_dx[4] = {-hy, hy, -ly, ly};
-  for (int i = 0; i < 4; ++i) {
-    if (ys[i] >= 0 && ys[i] < height && xs[i] >= 0 && xs[i] < width) {
-      taps.index[i] = static_cast<int32_t>(ys[i] * width + xs[i]);
-      taps.weight[i] = weight[i];
-      taps.d_dy[i] = d_dy[i];
-      taps.d_dx[i] = d_dx[i];
-    }
-  }
-}
-
 // Taps of the sampling points of kernel point k of offset group `group` in
 // image b, at output positions [p0, p0 + len).
 template <typename T>
@@ -171,7 +130,7 @@ void row_taps(const ConvGeometry& g, const T* offset, int64_t b, int64_t group, 
     const int64_t h = p / g.out_w, w = p % g.out_w;
     const T y = T(h * g.stride_h - g.pad_h + i * g.dilation_h) + dy[p];
     const T x = T(w * g.stride_w - g.pad_w + j * g.dilation_w) + dx[p];
-    compute_taps(y, x, g.height, g.width, out[p - p0]);
+    deform_conv_taps(y, x, g.height, g.width, out[p - p0]);
   }
 }
 
@@ -188,12 +147,6 @@ std::vector<Taps<T>> sampling_taps(const ConvGeometry& g, const T* offset, int64
     }
   });
   return taps;
-}
-
-template <typename T>
-inline T bilinear(const Taps<T>& t, const T* x) {
-  return t.weight[0] * x[t.index[0]] + t.weight[1] * x[t.index[1]] + t.weight[2] * x[t.index[2]] +
-      t.weight[3] * x[t.index[3]];
 }
 
 // mask value of (image b, group, kernel point k) at every position, or
@@ -225,7 +178,7 @@ void deformable_im2col(
           const T* m = mask_row(mask, g, b0 + bl, group, k);
           T* col = columns + (c * kk + k) * (n * P) + bl * P;
           for (int64_t p = 0; p < P; ++p) {
-            const T v = bilinear(t[p], x);
+            const T v = gather(t[p].weight, t[p].index, x);
             col[p] = m ? v * m[p] : v;
           }
         }
@@ -371,11 +324,11 @@ void forward_tile(
       T* col = columns.data() + (c * kk + k) * len;
       if (m) {
         for (int64_t p = 0; p < len; ++p) {
-          col[p] = bilinear(t[p], x) * m[p0 + p];
+          col[p] = gather(t[p].weight, t[p].index, x) * m[p0 + p];
         }
       } else {
         for (int64_t p = 0; p < len; ++p) {
-          col[p] = bilinear(t[p], x);
+          col[p] = gather(t[p].weight, t[p].index, x);
         }
       }
     }

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/sampling.h"
+
 namespace dcnv2 {
 namespace ops {
 
@@ -35,104 +37,6 @@ struct PoolGeometry {
 
   int64_t bins() const { return pooled_h * pooled_w; }
 };
-
-// Where one RoI samples: its box in feature coordinates and its grid.
-template <typename T>
-struct RoiLayout {
-  int64_t batch_index;
-  T start_h, start_w, height, width, bin_h, bin_w;
-  int64_t grid_h, grid_w;
-  T inv_count;
-  int64_t first_tap;  // index of its first sample in the chunk's tap table
-
-  int64_t samples_per_bin() const { return grid_h * grid_w; }
-};
-
-template <typename T>
-struct Taps {
-  int32_t index[4];
-  T weight[4];
-  T d_dy[4];
-  T d_dx[4];
-};
-
-// Bilinear taps as in RoIAlign: samples up to one pixel outside the map are
-// clamped onto its border (where the coordinate derivative is then zero),
-// samples further out read zero.
-template <typename T>
-inline void compute_taps(T y, T x, int64_t height, int64_t width, Taps<T>& taps) {
-  for (int i = 0; i < 4; ++i) {
-    taps.index[i] = 0;
-    taps.weight[i] = taps.d_dy[i] = taps.d_dx[i] = T(0);
-  }
-  if (!(y >= T(-1) && y <= T(height) && x >= T(-1) && x <= T(width))) {
-    return;  // also rejects NaN
-  }
-  bool y_free = true, x_free = true;
-  if (y <= T(0)) {
-    y = T(0);
-    y_free = false;
-  }
-  if (x <= T(0)) {
-    x = T(0);
-    x_free = false;
-  }
-  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x);
-  int64_t y_high, x_high;
-  if (y_low >= height - 1) {
-    y_high = y_low = height - 1;
-    y = T(y_low);
-    y_free = false;
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= width - 1) {
-    x_high = x_low = width - 1;
-    x = T(x_low);
-    x_free = false;
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - T(y_low), lx = x - T(x_low);
-  const T hy = T(1) - ly, hx = T(1) - lx;
-  const int64_t ys[4] = {y_low, y_low, y_high, y_high};
-  const int64_t xs[4] = {x_low, x_high, x_low, x_high};
-  const T weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-  const T d_dy[4] = {-hx, -lx, hx, lx};
-  const T d_dx[4] = {-hy, hy, -ly, ly};
-  for (int i = 0; i < 4; ++i) {
-    taps.index[i] = static_cast<int32_t>(ys[i] * width + xs[i]);
-    taps.weight[i] = weight[i];
-    taps.d_dy[i] = y_free ? d_dy[i] : T(0);
-    taps.d_dx[i] = x_free ? d_dx[i] : T(0);
-  }
-}
-
-template <typename T>
-RoiLayout<T> roi_layout(const PoolGeometry& g, const T* roi) {
-  RoiLayout<T> r{};
-  r.batch_index = std::isfinite(roi[0]) ? static_cast<int64_t>(roi[0]) : -1;
-  const T scale = static_cast<T>(g.spatial_scale);
-  // aligned=True: a box edge at x maps to continuous coordinate x*scale - 0.5.
-  r.start_w = roi[1] * scale - T(0.5);
-  r.start_h = roi[2] * scale - T(0.5);
-  r.width = roi[3] * scale - T(0.5) - r.start_w;
-  r.height = roi[4] * scale - T(0.5) - r.start_h;
-  r.bin_h = r.height / static_cast<T>(g.pooled_h);
-  r.bin_w = r.width / static_cast<T>(g.pooled_w);
-  r.grid_h = 0;
-  r.grid_w = 0;
-  if (g.sampling_ratio > 0) {
-    r.grid_h = r.grid_w = g.sampling_ratio;
-  } else if (std::isfinite(r.bin_h) && std::isfinite(r.bin_w)) {
-    // Adaptive grid, as RoIAlign: ceil(bin size) samples per side; a
-    // degenerate or inverted RoI gets none and pools to zero.
-    r.grid_h = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(r.bin_h)));
-    r.grid_w = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(r.bin_w)));
-  }
-  r.inv_count = T(1) / static_cast<T>(std::max<int64_t>(r.grid_h * r.grid_w, 1));
-  return r;
-}
 
 // Offset of bin `bin` of RoI `k`, in feature pixels: (dy, dx).
 template <typename T>
@@ -151,6 +55,7 @@ template <typename T>
 struct RoiChunk {
   int64_t k0 = 0, k1 = 0;
   std::vector<RoiLayout<T>> layouts;
+  std::vector<int64_t> first_tap;  // where each RoI's samples start in `taps`
   std::vector<Taps<T>> taps;
 };
 
@@ -162,7 +67,8 @@ std::vector<RoiChunk<T>> plan_chunks(const PoolGeometry& g, const T* rois) {
   RoiChunk<T> current;
   int64_t taps = 0;
   for (int64_t k = 0; k < g.num_rois; ++k) {
-    RoiLayout<T> r = roi_layout(g, rois + k * 5);
+    const RoiLayout<T> r = roi_layout(
+        rois + k * 5, static_cast<T>(g.spatial_scale), g.pooled_h, g.pooled_w, g.sampling_ratio);
     TORCH_CHECK(
         r.batch_index >= 0 && r.batch_index < g.batch, "deform_roi_pool: rois[", k, ", 0] = ", rois[k * 5],
         " is not a batch index of input (batch size ", g.batch, ")");
@@ -174,7 +80,7 @@ std::vector<RoiChunk<T>> plan_chunks(const PoolGeometry& g, const T* rois) {
       current.k0 = k;
       taps = 0;
     }
-    r.first_tap = taps;
+    current.first_tap.push_back(taps);
     taps += roi_taps;
     current.layouts.push_back(r);
   }
@@ -187,21 +93,18 @@ std::vector<RoiChunk<T>> plan_chunks(const PoolGeometry& g, const T* rois) {
 
 template <typename T>
 void fill_taps(const PoolGeometry& g, const T* offset, RoiChunk<T>& chunk) {
-  const RoiLayout<T>& last = chunk.layouts.back();
-  chunk.taps.resize(last.first_tap + g.bins() * last.samples_per_bin());
+  chunk.taps.resize(chunk.first_tap.back() + g.bins() * chunk.layouts.back().samples_per_bin());
   at::parallel_for(chunk.k0, chunk.k1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const RoiLayout<T>& r = chunk.layouts[k - chunk.k0];
-      Taps<T>* t = chunk.taps.data() + r.first_tap;
+      Taps<T>* t = chunk.taps.data() + chunk.first_tap[k - chunk.k0];
       for (int64_t ph = 0; ph < g.pooled_h; ++ph) {
         for (int64_t pw = 0; pw < g.pooled_w; ++pw) {
           T dy, dx;
           bin_shift(g, offset, r, k, ph * g.pooled_w + pw, dy, dx);
           for (int64_t iy = 0; iy < r.grid_h; ++iy) {
-            const T y = r.start_h + dy + T(ph) * r.bin_h + (T(iy) + T(0.5)) * r.bin_h / T(r.grid_h);
             for (int64_t ix = 0; ix < r.grid_w; ++ix) {
-              const T x = r.start_w + dx + T(pw) * r.bin_w + (T(ix) + T(0.5)) * r.bin_w / T(r.grid_w);
-              compute_taps(y, x, g.height, g.width, *t++);
+              roi_align_taps(r.sample_y(ph, iy, dy), r.sample_x(pw, ix, dx), g.height, g.width, *t++);
             }
           }
         }
@@ -253,12 +156,6 @@ PoolGeometry check_and_make_geometry(
   return g;
 }
 
-template <typename T>
-inline T sample(const Taps<T>& t, const T* x) {
-  return t.weight[0] * x[t.index[0]] + t.weight[1] * x[t.index[1]] + t.weight[2] * x[t.index[2]] +
-      t.weight[3] * x[t.index[3]];
-}
-
 at::Tensor deform_roi_pool_forward_kernel(
     const at::Tensor& input_,
     const at::Tensor& rois_,
@@ -292,12 +189,13 @@ at::Tensor deform_roi_pool_forward_kernel(
           const int64_t k = kc / g.channels, c = kc % g.channels;
           const RoiLayout<scalar_t>& r = chunk.layouts[k - chunk.k0];
           const scalar_t* xc = x + (r.batch_index * g.channels + c) * plane;
-          const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap;
+          const Taps<scalar_t>* t = chunk.taps.data() + chunk.first_tap[k - chunk.k0];
           const int64_t samples = r.samples_per_bin();
           for (int64_t bin = 0; bin < bins; ++bin) {
             scalar_t sum = 0;
             for (int64_t s = 0; s < samples; ++s) {
-              sum += sample(*t++, xc);
+              sum += gather(t->weight, t->index, xc);
+              ++t;
             }
             const scalar_t m = mask_ptr ? mask_ptr[k * bins + bin] : scalar_t(1);
             out[kc * bins + bin] = sum * r.inv_count * m;
@@ -353,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
           for (int64_t k = chunk.k0; k < chunk.k1; ++k) {
             const RoiLayout<scalar_t>& r = chunk.layouts[k - chunk.k0];
             scalar_t* gxc = gx + (r.batch_index * g.channels + c) * plane;
-            const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap;
+            const Taps<scalar_t>* t = chunk.taps.data() + chunk.first_tap[k - chunk.k0];
             const int64_t samples = r.samples_per_bin();
             for (int64_t bin = 0; bin < bins; ++bin) {
               const scalar_t m = mask_ptr ? mask_ptr[k * bins + bin] : scalar_t(1);
@@ -381,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
             for (int64_t c = 0; c < g.channels; ++c) {
               const scalar_t* xc = x + (r.batch_index * g.channels + c) * plane;
               const scalar_t gv = gy[(k * g.channels + c) * bins + bin];
-              const Taps<scalar_t>* t = chunk.taps.data() + r.first_tap + bin * samples;
+              const Taps<scalar_t>* t = chunk.taps.data() + chunk.first_tap[k - chunk.k0] + bin * samples;
               scalar_t sy = 0, sx = 0, sv = 0;
               for (int64_t s = 0; s < samples; ++s, ++t) {
                 for (int i = 0; i < 4; ++i) {
