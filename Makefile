@@ -36,8 +36,12 @@ bench: ext
 
 # Compile (not run) the CUDA kernels for one architecture, into a scratch
 # build folder: CI has no GPU but must fail on CUDA code that does not build.
+# CUDA_HOME defaults to the toolkit that nvcc belongs to (nvcc may be a
+# wrapper script outside it).
+NVCC_TOP = $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p' | head -n 1)
 cuda-compile: $(ENV_STAMP)
-	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+	CUDA_HOME="$(or $(CUDA_HOME),$(abspath $(NVCC_TOP)))" FORCE_CUDA=1 \
+		TORCH_CUDA_ARCH_LIST="$(or $(TORCH_CUDA_ARCH_LIST),9.0)" \
 		$(PYTHON) setup.py -q build_ext --build-temp build/cuda-compile/tmp --build-lib build/cuda-compile/lib
 
 clean:

@@ -12,3 +12,7 @@ fi
 echo "==> installing pinned requirements (first run downloads torch, several GB)"
 "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
 bash tools/install_detectron2.sh "$PY"
+# Make the checkout importable from anywhere in this environment, as an
+# editable install would, without building the extension twice.
+site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$PWD" > "$site/dcnv2_plugin.pth"

@@ -1,0 +1,345 @@
+"""Speed and memory of the dcnv2 operators against peers measured in the same run.
+
+Every time is the minimum over --repeat runs on the same inputs with the same
+thread count; every ratio is ours / peer (below 1 = ours faster). Sections:
+
+  conv    modulated deformable conv at ResNet conv3/conv4/conv5 shapes of a
+          detection batch: ours vs torchvision.ops.deform_conv2d vs dense
+          conv2d, forward and forward+backward; ONNX Runtime's DeformConv
+          (forward only) when `onnxruntime` and `onnx` are installed
+          (`pip install -e .[bench]`).
+  pool    modulated deformable RoI pooling vs torchvision.ops.roi_align
+          (aligned=True), forward and forward+backward, 512 RoIs per image.
+  memory  peak extra memory of our deformable conv (forward+backward)
+          against batch size.
+  e2e     one training step of the DCNv2 R-50-FPN Faster R-CNN vs the
+          regular one at the same config (CPU: small images, see --e2e-size).
+
+    python benchmarks/bench_ops.py                     # CPU, every section
+    python benchmarks/bench_ops.py --device cuda --dtype float16
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dcnv2_plugin.ops import deform_conv2d, deform_roi_pool  # noqa: E402
+
+# (name, batch, channels, height, width): the 3x3 convs of ResNet-50 stages
+# conv3/conv4/conv5 for a detection batch of two ~800x1088 images.
+CONV_SHAPES = [
+    ("conv3", 2, 128, 100, 136),
+    ("conv4", 2, 256, 50, 68),
+    ("conv5", 2, 512, 25, 34),
+]
+POOL_LEVELS = [  # FPN P2..P5 of an ~800x1088 image pair
+    (4, 200, 272),
+    (8, 100, 136),
+    (16, 50, 68),
+    (32, 25, 34),
+]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeat):
+    fn()  # warm-up (allocator, lazy init, autotuning)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def conv_inputs(batch, channels, height, width, device, dtype, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+
+    def make(*shape, scale=1.0, rand=torch.randn):
+        return (rand(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    x = make(batch, channels, height, width)
+    weight = make(channels, channels, 3, 3, scale=0.02)
+    offset = make(batch, 18, height, width, scale=2.0)
+    mask = make(batch, 9, height, width, rand=torch.rand)
+    return x, weight, offset, mask
+
+
+def _ort_deform_conv(x, weight, offset, mask, threads):
+    """ONNX Runtime's DeformConv (opset 19) session, or None if not installed."""
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    node = helper.make_node(
+        "DeformConv", ["X", "W", "offset", "B", "mask"], ["Y"],
+        kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1, offset_group=1,
+    )
+    names = ["X", "W", "offset", "B", "mask"]
+    arrays = [t.detach().float().cpu().numpy() for t in (x, weight, offset)]
+    arrays += [np.zeros(weight.shape[0], np.float32), mask.detach().float().cpu().numpy()]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in zip(names, arrays)]
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([node], "deform_conv", inputs, [output]),
+                              opset_imports=[helper.make_opsetid("", 19)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = dict(zip(names, arrays))
+    return lambda: session.run(None, feed)
+
+
+def bench_conv(args):
+    rows = []
+    for name, batch, channels, height, width in CONV_SHAPES:
+        x, weight, offset, mask = conv_inputs(batch, channels, height, width, args.device, args.dtype)
+
+        def ours():
+            return deform_conv2d(x, offset, weight, padding=1, mask=mask)
+
+        def theirs():
+            return torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+
+        def dense():
+            return F.conv2d(x, weight, padding=1)
+
+        def fwd_bwd(fn):
+            def run():
+                out = fn()
+                torch.autograd.grad(out, [t for t in (x, weight, offset, mask) if t is not None], torch.ones_like(out),
+                                    allow_unused=True)
+            return run
+
+        with torch.autocast(args.device, dtype=args.autocast_dtype, enabled=args.autocast):
+            timed = {
+                "ours": (best_time(ours, args.device, args.repeat), best_time(fwd_bwd(ours), args.device, args.repeat)),
+                "torchvision": (best_time(theirs, args.device, args.repeat),
+                                best_time(fwd_bwd(theirs), args.device, args.repeat)),
+                "conv2d": (best_time(dense, args.device, args.repeat), best_time(fwd_bwd(dense), args.device, args.repeat)),
+            }
+        ort = _ort_deform_conv(x, weight, offset, mask, torch.get_num_threads()) if args.device == "cpu" else None
+        if ort is not None:
+            timed["onnxruntime"] = (best_time(ort, "cpu", args.repeat), None)
+        rows.append((f"{name} {tuple(x.shape)}", timed))
+    return rows
+
+
+def pool_inputs(level, rois_per_image, device, dtype, channels=256, batch=2):
+    stride, height, width = level
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, channels, height, width, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    image_h, image_w = height * stride, width * stride
+    k = batch * rois_per_image
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([image_w * 0.8, image_h * 0.8])
+    wh = (torch.rand(k, 2, generator=g) * 0.2 + 0.02) * torch.tensor([image_w, image_h])
+    index = torch.arange(batch).repeat_interleave(rois_per_image).unsqueeze(1).float()
+    rois = torch.cat([index, xy, xy + wh], dim=1).to(device=device, dtype=dtype)
+    offset = (torch.randn(k, 2, 7, 7, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    mask = torch.rand(k, 1, 7, 7, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return x, rois, offset, mask, 1.0 / stride
+
+
+def bench_pool(args):
+    rows = []
+    for level in POOL_LEVELS:
+        x, rois, offset, mask, scale = pool_inputs(level, 512, args.device, args.dtype)
+
+        def ours():
+            return deform_roi_pool(x, rois, offset, mask, output_size=7, spatial_scale=scale, sampling_ratio=0)
+
+        def theirs():
+            return torchvision.ops.roi_align(x, rois, 7, scale, 0, aligned=True)
+
+        def fwd_bwd(fn, inputs):
+            def run():
+                out = fn()
+                torch.autograd.grad(out, inputs, torch.ones_like(out))
+            return run
+
+        timed = {
+            "ours": (best_time(ours, args.device, args.repeat),
+                     best_time(fwd_bwd(ours, (x, offset, mask)), args.device, args.repeat)),
+            "roi_align": (best_time(theirs, args.device, args.repeat),
+                          best_time(fwd_bwd(theirs, (x,)), args.device, args.repeat)),
+        }
+        rows.append((f"stride {level[0]} {tuple(x.shape)} 1024 RoIs", timed))
+    return rows
+
+
+def _peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def bench_memory(args):
+    """Peak memory above inputs and outputs during forward+backward of
+    conv4, against batch size: the column buffers must not grow with it."""
+    rows = []
+    _, _, channels, height, width = CONV_SHAPES[1]
+    for batch in (1, 2, 4, 8):
+        x, weight, offset, mask = conv_inputs(batch, channels, height, width, args.device, args.dtype)
+        tensors_bytes = sum(t.numel() * t.element_size() for t in (x, weight, offset, mask))
+        # output + the four gradients have the inputs' sizes (plus the output once)
+        held = 2 * tensors_bytes + x.numel() * x.element_size()
+
+        def run():
+            out = deform_conv2d(x, offset, weight, padding=1, mask=mask)
+            return torch.autograd.grad(out, (x, weight, offset, mask), torch.ones_like(out))
+
+        run()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            grads = run()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            _reset_peak_rss()
+            base = _peak_rss_bytes()
+            grads = run()
+            peak = _peak_rss_bytes() - base
+        del grads
+        rows.append((batch, peak, max(peak - held, 0)))
+    return rows
+
+
+def bench_e2e(args):
+    """One training step (forward+backward) of the R-50-FPN Faster R-CNN,
+    DCNv2 (mdconv c3-c5 + mdpool) against regular, at the same config."""
+    import dcnv2_plugin  # noqa: F401  (registers the components)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    times = {}
+    for name in ("regular", "mdconv_c3-c5_mdpool"):
+        cfg = get_cfg()
+        dcnv2_plugin.add_dcnv2_config(cfg)
+        cfg.merge_from_file(os.path.join(root, "configs", "COCO-Detection", f"faster_rcnn_R_50_FPN_{name}.yaml"))
+        cfg.MODEL.DEVICE = args.device
+        cfg.MODEL.WEIGHTS = ""
+        cfg.MODEL.RESNETS.NORM = "BN"  # from scratch: FrozenBN would not train, BN keeps both models comparable
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        h, w = args.e2e_size
+        g = torch.Generator().manual_seed(0)
+        inputs = []
+        from detectron2.structures import Boxes, Instances
+
+        for _ in range(2):
+            image = (torch.rand(3, h, w, generator=g) * 255).to(args.device)
+            inst = Instances((h, w))
+            xy = torch.rand(4, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.tensor([w * 0.3, h * 0.3])], 1))
+            inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (4,), generator=g)
+            inputs.append({"image": image, "height": h, "width": w, "instances": inst.to(args.device)})
+
+        def step():
+            with EventStorage():
+                losses = model(inputs)
+                sum(losses.values()).backward()
+
+        times[name] = best_time(step, args.device, max(2, args.repeat // 2))
+    return times
+
+
+def _fmt(seconds):
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.2f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--autocast", action="store_true", help="inputs in float32, ops under torch.autocast(dtype)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sections", default="conv,pool,memory,e2e")
+    parser.add_argument("--e2e-size", type=int, nargs=2, default=(512, 672), metavar=("H", "W"))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = args.autocast_dtype = getattr(torch, args.dtype)
+    if args.autocast:
+        args.dtype = torch.float32
+    sections = args.sections.split(",")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# dcnv2 operator benchmark: {device_name}, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, dtype {args.dtype}{' (autocast)' if args.autocast else ''}, "
+          f"min of {args.repeat}")
+    results = {"device": device_name, "dtype": str(args.dtype)}
+
+    if "conv" in sections:
+        print("\n## modulated deformable conv 3x3 (fwd | fwd+bwd); ratio = ours / peer")
+        print("| shape | ours | torchvision | conv2d | onnxruntime fwd | ours/tv | ours/conv2d | ours/ort fwd |")
+        print("|---|---|---|---|---|---|---|---|")
+        results["conv"] = {}
+        for label, t in bench_conv(args):
+            ours, tv, dense = t["ours"], t["torchvision"], t["conv2d"]
+            ort = t.get("onnxruntime", (None, None))[0]
+            print(f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(tv[0])} / {_fmt(tv[1])} | "
+                  f"{_fmt(dense[0])} / {_fmt(dense[1])} | {_fmt(ort)} | {_ratio(ours[0], tv[0])} / "
+                  f"{_ratio(ours[1], tv[1])} | {_ratio(ours[0], dense[0])} / {_ratio(ours[1], dense[1])} | "
+                  f"{_ratio(ours[0], ort)} |")
+            results["conv"][label] = t
+    if "pool" in sections:
+        print("\n## modulated deformable RoI pooling 7x7 vs roi_align (fwd | fwd+bwd)")
+        print("| level | ours | roi_align | ours/roi_align |")
+        print("|---|---|---|---|")
+        results["pool"] = {}
+        for label, t in bench_pool(args):
+            ours, ra = t["ours"], t["roi_align"]
+            print(f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(ra[0])} / {_fmt(ra[1])} | "
+                  f"{_ratio(ours[0], ra[0])} / {_ratio(ours[1], ra[1])} |")
+            results["pool"][label] = t
+    if "memory" in sections:
+        print(f"\n## peak memory of deform_conv2d fwd+bwd at {CONV_SHAPES[1][0]} shapes vs batch")
+        print("| batch | peak above start | of which beyond inputs/outputs/grads |")
+        print("|---|---|---|")
+        results["memory"] = []
+        for batch, peak, extra in bench_memory(args):
+            print(f"| {batch} | {peak / 2**20:.1f} MiB | {extra / 2**20:.1f} MiB |")
+            results["memory"].append({"batch": batch, "peak": peak, "extra": extra})
+    if "e2e" in sections:
+        times = bench_e2e(args)
+        ratio = times["mdconv_c3-c5_mdpool"] / times["regular"]
+        print(f"\n## R-50-FPN Faster R-CNN train step, 2 images {args.e2e_size[0]}x{args.e2e_size[1]}")
+        print(f"regular {_fmt(times['regular'])}, DCNv2 {_fmt(times['mdconv_c3-c5_mdpool'])}, ratio {ratio:.2f}")
+        results["e2e"] = dict(times, ratio=ratio)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
