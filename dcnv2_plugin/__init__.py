@@ -9,3 +9,5 @@ from . import _detectron2_compat
 _detectron2_compat.install()
 
 from . import ops  # noqa: E402
+from .config import add_dcnv2_config  # noqa: E402
+from . import modeling  # noqa: E402

@@ -1,0 +1,24 @@
+"""Model components; importing this registers them in detectron2's registries:
+backbones `build_dcnv2_resnet_backbone` and `build_dcnv2_resnet_fpn_backbone`,
+ROI heads `DCNv2ROIHeads`."""
+from .backbone import (
+    DeformBasicBlock,
+    DeformBottleneckBlock,
+    SpatialTransformer,
+    build_dcnv2_resnet_backbone,
+    build_dcnv2_resnet_fpn_backbone,
+)
+from .optimizer import build_optimizer
+from .poolers import DeformableROIPooler
+from .roi_heads import DCNv2ROIHeads
+
+__all__ = [
+    "build_dcnv2_resnet_backbone",
+    "build_dcnv2_resnet_fpn_backbone",
+    "DeformBottleneckBlock",
+    "DeformBasicBlock",
+    "SpatialTransformer",
+    "DeformableROIPooler",
+    "DCNv2ROIHeads",
+    "build_optimizer",
+]

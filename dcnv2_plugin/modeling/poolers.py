@@ -1,0 +1,123 @@
+"""(Modulated) deformable RoI pooling as a detectron2 `ROIPooler`.
+
+detectron2's `ROIPooler` knows only its own pooler types; `DeformableROIPooler`
+subclasses it and adds "DeformRoIPool" (DCNv1 dpool) and
+"ModulatedDeformRoIPool" (DCNv2 mdpool).
+"""
+from typing import List, Optional, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.layers import nonzero_tuple
+from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
+from detectron2.structures import Boxes
+from torch import nn
+
+from ..ops import DeformRoIPool
+from .layers import GeometryPredictor
+
+DETECTRON2_POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
+# Each deformable pooler type, and whether it is modulated.
+DEFORMABLE_POOLER_TYPES = {"DeformRoIPool": False, "ModulatedDeformRoIPool": True}
+
+
+def check_pooler_type(pooler_type: str, config_key: str) -> None:
+    """Raise a ValueError naming the valid types if `pooler_type` is none of them."""
+    valid = DETECTRON2_POOLER_TYPES + tuple(DEFORMABLE_POOLER_TYPES)
+    if pooler_type not in valid:
+        raise ValueError(f"Unknown pooler type {pooler_type!r} in {config_key}; valid types: {', '.join(valid)}")
+
+
+class RoIOffsetPredictor(GeometryPredictor):
+    """The sibling branch of deformable RoI pooling (DCNv2, Sec. 3.2): from the
+    RoIAlign features of a RoI, two fc layers and a last fc predict per bin the
+    normalized offset (dx, dy) and, when modulated, a modulation scalar.
+
+    The last fc starts at zero, so pooling starts as RoIAlign (times
+    sigmoid(0) = 0.5 when modulated). DCNv1's dpool used a single fc; the same
+    two-hidden-layer branch serves both here, so that the DCNv1/DCNv2 pooling
+    settings differ only in the modulation.
+    """
+
+    def __init__(self, in_channels: int, output_size: Tuple[int, int], fc_dim: int, modulated: bool):
+        super().__init__()
+        self.output_size = output_size
+        self.modulated = modulated
+        num_bins = output_size[0] * output_size[1]
+        self.fc1 = nn.Linear(in_channels * num_bins, fc_dim)
+        self.fc2 = nn.Linear(fc_dim, fc_dim)
+        self.predictor = nn.Linear(fc_dim, (3 if modulated else 2) * num_bins)
+        for layer in (self.fc1, self.fc2):
+            weight_init.c2_xavier_fill(layer)
+        nn.init.zeros_(self.predictor.weight)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, roi_features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        hidden = F.relu(self.fc2(F.relu(self.fc1(roi_features.flatten(1)))))
+        out = self.predictor(hidden)
+        ph, pw = self.output_size
+        offset = out[:, : 2 * ph * pw].reshape(-1, 2, ph, pw)
+        mask = out[:, 2 * ph * pw :].reshape(-1, 1, ph, pw).sigmoid() if self.modulated else None
+        return offset, mask
+
+
+class DeformableROIPooler(ROIPooler):
+    """A `ROIPooler` whose pooling is (modulated) deformable RoI pooling.
+
+    detectron2's RoIAlignV2 pooling (the parent class, on the same levels and
+    level assignment) gives the features the offset branch reads; the offsets
+    and mask then drive deformable pooling on each RoI's level (DCNv2, Eq. 2).
+
+    With FPN, one offset branch is shared by all levels: the box head reading
+    the pooled features is shared across levels too, and the offsets are
+    normalized by the RoI size, so they do not depend on the level's scale.
+    """
+
+    def __init__(
+        self,
+        output_size,
+        scales: List[float],
+        sampling_ratio: int,
+        *,
+        in_channels: int,
+        modulated: bool,
+        fc_dim: int,
+        gamma: float,
+        canonical_box_size: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__(
+            output_size,
+            scales,
+            sampling_ratio,
+            "ROIAlignV2",
+            canonical_box_size=canonical_box_size,
+            canonical_level=canonical_level,
+        )
+        self.deform_poolers = nn.ModuleList(
+            DeformRoIPool(self.output_size, spatial_scale=scale, sampling_ratio=sampling_ratio, gamma=gamma)
+            for scale in scales
+        )
+        self.offset_predictor = RoIOffsetPredictor(in_channels, self.output_size, fc_dim, modulated)
+
+    def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        regular = super().forward(x, box_lists)
+        if regular.shape[0] == 0:
+            return regular
+        offset, mask = self.offset_predictor(regular)
+        # Boxes are always float32; the op wants the features' dtype (as
+        # detectron2's ROIAlign converts them too).
+        rois = convert_boxes_to_pooler_format(box_lists).to(regular.dtype)
+        if len(self.deform_poolers) == 1:
+            return self.deform_poolers[0](x[0], rois, offset, mask)
+
+        levels = assign_boxes_to_levels(
+            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        output = torch.zeros_like(regular)
+        for level, pooler in enumerate(self.deform_poolers):
+            inds = nonzero_tuple(levels == level)[0]
+            level_mask = None if mask is None else mask[inds]
+            output.index_put_((inds,), pooler(x[level], rois[inds], offset[inds], level_mask))
+        return output

@@ -1,0 +1,296 @@
+"""Whole detectors built from the shipped configs, on CPU, shrunk by overrides."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dcnv2_plugin
+from conftest import DEVICES
+from dcnv2_plugin.modeling import build_optimizer
+from dcnv2_plugin.modeling.layers import GeometryPredictor
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# This project's ablation configs (the mimicking and demo configs are tested with their code).
+ABLATION_CONFIGS = sorted(p for p in CONFIG_DIR.glob("COCO-*/*.yaml") if "mimic" not in p.name)
+CONFIG_IDS = [p.name for p in ABLATION_CONFIGS]
+MDCONV_MASK_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
+
+IMAGE_HEIGHT, IMAGE_WIDTH = 64, 96
+TINY_OVERRIDES = [
+    "MODEL.DEVICE", "cpu",
+    # Trained from scratch here: BN, since FrozenBN (the default, for
+    # ImageNet-initialized training) diverges without pretrained weights.
+    "MODEL.RESNETS.NORM", "BN",
+    # Narrower layers (same layer names) keep the CPU time small.
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.WIDTH_PER_GROUP", 16,
+    "MODEL.FPN.OUT_CHANNELS", 32,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+    # All anchors of the small image in the RPN loss, so every FPN level (p2-p6)
+    # gets a gradient.
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 4096,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 32,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+    "MODEL.DCNV2.DEFORM_POOL.FC_DIM", 32,
+    # An untrained model's scores are ~1/81; keep its detections.
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+]
+
+
+def tiny_cfg(config_file, *overrides):
+    cfg = get_cfg()
+    dcnv2_plugin.add_dcnv2_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(TINY_OVERRIDES + list(overrides))
+    return cfg
+
+
+def build_tiny_model(config_file, *overrides, seed=0):
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(config_file, *overrides))
+
+
+def training_batch():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, IMAGE_HEIGHT, IMAGE_WIDTH, generator=generator) * 255
+    boxes = torch.tensor([[8.0, 6.0, 60.0, 50.0], [50.0, 20.0, 90.0, 60.0]])
+    instances = Instances((IMAGE_HEIGHT, IMAGE_WIDTH))
+    instances.gt_boxes = Boxes(boxes)
+    instances.gt_classes = torch.tensor([3, 7])
+    masks = torch.zeros(len(boxes), IMAGE_HEIGHT, IMAGE_WIDTH, dtype=torch.bool)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+        mask[y1:y2, x1:x2] = True
+    instances.gt_masks = BitMasks(masks)
+    return [{"image": image, "instances": instances, "height": IMAGE_HEIGHT, "width": IMAGE_WIDTH}]
+
+
+def perturb_zero_initialized_weights(model):
+    """The output layers of the RoI offset branch and of the spatial
+    transformer's localization net start at zero, so at step 0 the layers
+    before them (fc1/fc2, the hidden fc) get exactly zero gradient. A tiny
+    perturbation stands in for the first update, so one step can reach every
+    parameter. (The backbone's zero-initialized `conv2_offset` is left at zero:
+    nothing comes before it, and it must get a gradient as it is.)"""
+    zero_initialized = ("offset_predictor.predictor.weight", "localization.theta.weight")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(zero_initialized):
+                assert not param.any(), name
+                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+
+
+def parameters_without_gradient(model):
+    return [
+        name
+        for name, param in model.named_parameters()
+        if param.requires_grad and (param.grad is None or not param.grad.any())
+    ]
+
+
+def train_one_step(model):
+    model.train()
+    with EventStorage():
+        losses = model(training_batch())
+    sum(losses.values()).backward()
+    return losses
+
+
+@pytest.mark.parametrize("config_file", ABLATION_CONFIGS, ids=CONFIG_IDS)
+def test_training_step_has_finite_losses_and_reaches_every_parameter(config_file):
+    model = build_tiny_model(config_file)
+    perturb_zero_initialized_weights(model)
+    losses = train_one_step(model)
+
+    assert "loss_mask" in losses if model.roi_heads.mask_on else "loss_mask" not in losses
+    for name, loss in losses.items():
+        assert math.isfinite(loss.item()), name
+    assert parameters_without_gradient(model) == []
+    names = [name for name, _ in model.named_parameters()]
+    assert any("conv2_offset" in n for n in names) == ("dconv" in config_file.name)
+    assert any("box_pooler.offset_predictor" in n for n in names) == ("pool" in config_file.name)
+
+
+@pytest.mark.parametrize("config_file", ABLATION_CONFIGS, ids=CONFIG_IDS)
+def test_inference_returns_instances(config_file):
+    model = build_tiny_model(config_file).eval()
+    batch = training_batch()
+    del batch[0]["instances"]
+    with torch.no_grad():
+        (output,) = model(batch)
+    instances = output["instances"]
+    assert isinstance(instances, Instances)
+    assert instances.image_size == (IMAGE_HEIGHT, IMAGE_WIDTH)
+    assert len(instances) > 0
+    assert instances.pred_boxes.tensor.shape == (len(instances), 4)
+    assert instances.scores.shape == instances.pred_classes.shape == (len(instances),)
+    if model.roi_heads.mask_on:
+        assert instances.pred_masks.shape == (len(instances), IMAGE_HEIGHT, IMAGE_WIDTH)
+    else:
+        assert not instances.has("pred_masks")
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    model = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, seed=0)
+    # Change every floating tensor (parameters and BN statistics) away from its
+    # initialization, so a tensor that failed to load could not match by chance.
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand(tensor.shape, generator=generator))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("checkpoint")
+
+    restored = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, seed=1)
+    DetectionCheckpointer(restored).load(str(tmp_path / "checkpoint.pth"))
+    saved, loaded = model.state_dict(), restored.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+
+
+def test_optimizer_scales_the_learning_rate_of_geometry_predictors_only():
+    cfg = tiny_cfg(
+        MDCONV_MASK_CONFIG,
+        "MODEL.DCNV2.STN.ENABLED", True,
+        "MODEL.DCNV2.OFFSET_LR_FACTOR", 0.25,
+        "SOLVER.BASE_LR", 0.02,
+        "SOLVER.BIAS_LR_FACTOR", 2.0,
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(lr_of) == sum(len(group["params"]) for group in optimizer.param_groups) == len(trainable)
+    geometry_prefixes = ("conv2_offset", "box_pooler.offset_predictor", "spatial_transformer.localization")
+    for name, param in trainable.items():
+        lr = 0.02 * (2.0 if name.endswith("bias") else 1.0)
+        if any(prefix in name for prefix in geometry_prefixes):
+            lr *= 0.25
+        assert lr_of[id(param)] == pytest.approx(lr), name
+    assert sum(any(prefix in n for prefix in geometry_prefixes) for n in trainable) == sum(
+        len(list(m.parameters())) for m in model.modules() if isinstance(m, GeometryPredictor)
+    )
+
+
+def test_spatial_transformer_trains_with_the_detector():
+    model = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, "MODEL.DCNV2.STN.HIDDEN_DIM", 16)
+    assert "backbone.bottom_up.res3.spatial_transformer.localization.theta.weight" in model.state_dict()
+    perturb_zero_initialized_weights(model)
+    train_one_step(model)
+    assert parameters_without_gradient(model) == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_feature_map_dc5_detector_trains_and_infers(device):
+    model = build_tiny_model(
+        MDCONV_MASK_CONFIG,
+        "MODEL.DEVICE", device,
+        "MODEL.BACKBONE.NAME", "build_dcnv2_resnet_backbone",
+        "MODEL.RESNETS.OUT_FEATURES", ["res5"],
+        "MODEL.RESNETS.RES5_DILATION", 2,
+        "MODEL.RPN.IN_FEATURES", ["res5"],
+        "MODEL.ANCHOR_GENERATOR.SIZES", [[32, 64, 128]],
+        "MODEL.ROI_HEADS.IN_FEATURES", ["res5"],
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ModulatedDeformRoIPool",
+    )
+    assert len(model.roi_heads.box_pooler.deform_poolers) == 1
+    perturb_zero_initialized_weights(model)
+    losses = train_one_step(model)
+    assert all(math.isfinite(loss.item()) for loss in losses.values())
+    assert parameters_without_gradient(model) == []
+
+    batch = training_batch()
+    del batch[0]["instances"]
+    with torch.no_grad():
+        (output,) = model.eval()(batch)
+    assert len(output["instances"]) > 0
+    assert output["instances"].pred_masks.shape[1:] == (IMAGE_HEIGHT, IMAGE_WIDTH)
+
+
+# detectron2's own Base-RCNN-FPN.yaml and Misc/mask_rcnn_R_50_FPN_1x_dconv_c3-c5.yaml
+# (not installed with its package), copied verbatim except for the _BASE_ path.
+DETECTRON2_BASE_RCNN_FPN = """
+MODEL:
+  META_ARCHITECTURE: "GeneralizedRCNN"
+  BACKBONE:
+    NAME: "build_resnet_fpn_backbone"
+  RESNETS:
+    OUT_FEATURES: ["res2", "res3", "res4", "res5"]
+  FPN:
+    IN_FEATURES: ["res2", "res3", "res4", "res5"]
+  ANCHOR_GENERATOR:
+    SIZES: [[32], [64], [128], [256], [512]]  # One size for each in feature map
+    ASPECT_RATIOS: [[0.5, 1.0, 2.0]]  # Three aspect ratios (same for all in feature maps)
+  RPN:
+    IN_FEATURES: ["p2", "p3", "p4", "p5", "p6"]
+    PRE_NMS_TOPK_TRAIN: 2000  # Per FPN level
+    PRE_NMS_TOPK_TEST: 1000  # Per FPN level
+    POST_NMS_TOPK_TRAIN: 1000
+    POST_NMS_TOPK_TEST: 1000
+  ROI_HEADS:
+    NAME: "StandardROIHeads"
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
+  ROI_BOX_HEAD:
+    NAME: "FastRCNNConvFCHead"
+    NUM_FC: 2
+    POOLER_RESOLUTION: 7
+  ROI_MASK_HEAD:
+    NAME: "MaskRCNNConvUpsampleHead"
+    NUM_CONV: 4
+    POOLER_RESOLUTION: 14
+DATASETS:
+  TRAIN: ("coco_2017_train",)
+  TEST: ("coco_2017_val",)
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.02
+  STEPS: (60000, 80000)
+  MAX_ITER: 90000
+INPUT:
+  MIN_SIZE_TRAIN: (640, 672, 704, 736, 768, 800)
+VERSION: 2
+"""
+DETECTRON2_DCONV_C3_C5 = """
+_BASE_: "Base-RCNN-FPN.yaml"
+MODEL:
+  WEIGHTS: "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+  MASK_ON: True
+  RESNETS:
+    DEPTH: 50
+    DEFORM_ON_PER_STAGE: [False, True, True, True] # on Res3,Res4,Res5
+    DEFORM_MODULATED: False
+"""
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["dconv", "mdconv"])
+def test_detectron2_deformable_config_runs_with_only_the_backbone_name_changed(tmp_path, modulated):
+    (tmp_path / "Base-RCNN-FPN.yaml").write_text(DETECTRON2_BASE_RCNN_FPN)
+    (tmp_path / "dconv.yaml").write_text(DETECTRON2_DCONV_C3_C5)
+    overrides = ["MODEL.RESNETS.DEFORM_MODULATED", modulated]
+    torch.manual_seed(0)
+    theirs = build_model(tiny_cfg(tmp_path / "dconv.yaml", *overrides))  # constructs without detectron2._C
+    ours = build_tiny_model(
+        tmp_path / "dconv.yaml", *overrides, "MODEL.BACKBONE.NAME", "build_dcnv2_resnet_fpn_backbone"
+    )
+
+    # Their whole detector's checkpoint loads into ours, key for key.
+    incompatible = ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    perturb_zero_initialized_weights(ours)
+    losses = train_one_step(ours)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    assert all(math.isfinite(loss.item()) for loss in losses.values())
