@@ -1,6 +1,6 @@
 """Model components; importing this registers them in detectron2's registries:
 backbones `build_dcnv2_resnet_backbone` and `build_dcnv2_resnet_fpn_backbone`,
-ROI heads `DCNv2ROIHeads`."""
+ROI heads `DCNv2ROIHeads`, meta-architecture `MimicRCNN`."""
 from .backbone import (
     DeformBasicBlock,
     DeformBottleneckBlock,
@@ -8,6 +8,7 @@ from .backbone import (
     build_dcnv2_resnet_backbone,
     build_dcnv2_resnet_fpn_backbone,
 )
+from .mimic import MimicRCNN
 from .optimizer import build_optimizer
 from .poolers import DeformableROIPooler
 from .roi_heads import DCNv2ROIHeads
@@ -20,5 +21,6 @@ __all__ = [
     "SpatialTransformer",
     "DeformableROIPooler",
     "DCNv2ROIHeads",
+    "MimicRCNN",
     "build_optimizer",
 ]

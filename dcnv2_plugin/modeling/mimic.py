@@ -1,0 +1,222 @@
+"""R-CNN feature mimicking, DCNv2's training-time guidance (paper, Sec. 3.3).
+
+Even with deformable convolution and pooling, the spatial support of the
+per-RoI feature spreads well beyond the RoI. An R-CNN sees only the image
+inside the RoI, so the paper trains the Fast R-CNN feature of each positive
+RoI to resemble the feature the same network computes for that RoI's image
+crop alone. Inference is unchanged: the branch only adds training losses.
+
+`MimicRCNN` is the meta-architecture that runs it: the ROI heads never see
+the backbone, which the R-CNN branch needs for the crops.
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from .mimic_sampling import crop_and_resize, sample_positive_rois
+
+__all__ = ["MimicRCNN", "RCNNFeatureMimicking", "mimic_loss"]
+
+
+def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor) -> torch.Tensor:
+    """Mean over RoIs of 1 - cos(f_RCNN(b), f_FRCNN(b)).
+
+    The paper's L_mimic sums over the RoIs; the mean keeps the loss weight's
+    meaning independent of how many positive RoIs a batch has.
+    """
+    return (1.0 - F.cosine_similarity(f_rcnn, f_frcnn, dim=1)).mean()
+
+
+def box_head_features(
+    roi_heads: StandardROIHeads, feature_maps: Dict[str, torch.Tensor], boxes: List[Boxes]
+) -> torch.Tensor:
+    """The ROI heads' box pooler and box head (the 2fc head) applied to `boxes`,
+    one `Boxes` per image of `feature_maps`: [K, box head output dim]."""
+    pooled = roi_heads.box_pooler([feature_maps[f] for f in roi_heads.box_in_features], boxes)
+    return roi_heads.box_head(pooled)
+
+
+class RCNNFeatureMimicking(nn.Module):
+    """The R-CNN branch and its two losses.
+
+    For each sampled positive RoI b (at most `num_pos_rois` per image):
+    - f_FRCNN(b): the box head's feature of b in the Fast R-CNN branch;
+    - f_RCNN(b): b's image region, resized to `crop_size` x `crop_size`, put
+      through the same backbone, pooled as one whole-crop RoI by the same box
+      pooler and put through the same box head.
+    Losses: `loss_mimic` (see `mimic_loss`) and `loss_mimic_cls`, a
+    (C+1)-way softmax classification of f_RCNN(b) against b's ground-truth
+    class. The backbone, pooler and box head are shared and passed in at each
+    call; the only parameters owned here are the R-CNN branch's classifier,
+    which the paper keeps apart from the Fast R-CNN one.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        feature_dim: int,
+        num_classes: int,
+        num_pos_rois: int,
+        crop_size: int,
+        loss_weight: float,
+        cls_loss_weight: float,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_pos_rois = num_pos_rois
+        self.crop_size = crop_size
+        self.loss_weight = loss_weight
+        self.cls_loss_weight = cls_loss_weight
+        self.cls_score = nn.Linear(feature_dim, num_classes + 1)
+        # As detectron2 initializes the Fast R-CNN classifier.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.constant_(self.cls_score.bias, 0)
+
+    @classmethod
+    def from_config(cls, cfg, backbone: nn.Module, roi_heads: nn.Module):
+        mimic = cfg.MODEL.DCNV2.MIMIC
+        if not isinstance(roi_heads, StandardROIHeads) or isinstance(roi_heads, CascadeROIHeads):
+            raise ValueError(
+                "R-CNN feature mimicking shares the ROI heads' box pooler and their single box "
+                "head, so it needs StandardROIHeads or a subclass with one box head (such as "
+                f"DCNv2ROIHeads); MODEL.ROI_HEADS.NAME builds {type(roi_heads).__name__}"
+            )
+        if cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
+            raise ValueError(
+                "R-CNN feature mimicking needs the RoIs the box head was trained on, but "
+                "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES replaces them with predicted boxes"
+            )
+        if mimic.NUM_POS_ROIS < 1:
+            raise ValueError(
+                f"MODEL.DCNV2.MIMIC.NUM_POS_ROIS must be at least 1, got {mimic.NUM_POS_ROIS} "
+                "(set MODEL.DCNV2.MIMIC.ENABLED False to train without mimicking)"
+            )
+        divisor = max(backbone.size_divisibility, 1)
+        if mimic.CROP_SIZE < 1 or mimic.CROP_SIZE % divisor:
+            raise ValueError(
+                f"MODEL.DCNV2.MIMIC.CROP_SIZE must be a positive multiple of {divisor}, the size "
+                f"divisibility of the backbone that runs on the crops; got {mimic.CROP_SIZE}"
+            )
+        head_shape = roi_heads.box_head.output_shape
+        return {
+            "feature_dim": head_shape.channels * (head_shape.width or 1) * (head_shape.height or 1),
+            "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            "num_pos_rois": mimic.NUM_POS_ROIS,
+            "crop_size": mimic.CROP_SIZE,
+            "loss_weight": mimic.LOSS_WEIGHT,
+            "cls_loss_weight": mimic.CLS_LOSS_WEIGHT,
+        }
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        rois: List[Instances],
+        *,
+        backbone: nn.Module,
+        roi_heads: StandardROIHeads,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            images: the normalized, batched input images the proposals refer to.
+            features: the backbone's feature maps of `images`.
+            rois: per image, the RoIs the ROI heads sampled for training, with
+                `proposal_boxes` and `gt_classes`.
+            backbone, roi_heads: the detector's own, whose backbone, box pooler
+                and box head the R-CNN branch shares.
+        Returns:
+            {"loss_mimic", "loss_mimic_cls"}, already weighted.
+        """
+        positives = sample_positive_rois(rois, self.num_classes, self.num_pos_rois)
+        boxes = [p.proposal_boxes for p in positives]
+        gt_classes = torch.cat([p.gt_classes for p in positives])
+        get_event_storage().put_scalar("mimic/num_rois_per_image", gt_classes.numel() / len(rois))
+        if gt_classes.numel() == 0:
+            return self._zero_losses()
+
+        # Recomputed here for the few sampled RoIs, which leaves the ROI heads'
+        # code unchanged: the same pooler and head on the same maps and boxes
+        # give the Fast R-CNN branch's values and gradients (for heads without
+        # batch statistics; a BatchNorm conv head would normalize over these
+        # RoIs only).
+        f_frcnn = box_head_features(roi_heads, features, boxes)
+
+        crops = crop_and_resize(images.tensor, boxes, self.crop_size)
+        # Each crop is pooled as one RoI covering all of it, by the same pooler.
+        # With FPN, the pooler's own level rule (FPN paper, Eq. 1:
+        # k = floor(4 + log2(sqrt(wh) / 224))) then puts the default 224x224
+        # crop on P4 (stride 16, a 14x14 map): the level it gives a 224x224 RoI
+        # of the image, so the crop is pooled like a RoI of its size. (224, the
+        # rule's canonical size, is the ImageNet pre-training size, and the
+        # paper's crop size too.) Another CROP_SIZE moves to the level the rule
+        # gives a RoI of that size.
+        whole_crop = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
+        f_rcnn = box_head_features(roi_heads, backbone(crops), [whole_crop] * len(crops))
+
+        return {
+            "loss_mimic": self.loss_weight * mimic_loss(f_rcnn, f_frcnn),
+            "loss_mimic_cls": self.cls_loss_weight * F.cross_entropy(self.cls_score(f_rcnn), gt_classes),
+        }
+
+    def _zero_losses(self) -> Dict[str, torch.Tensor]:
+        # No positive RoI in the batch. The zeros still depend on the
+        # classifier, which would otherwise get no gradient this step and stall
+        # DistributedDataParallel (it expects one for every parameter).
+        empty = self.cls_score.weight.new_zeros((0, self.cls_score.in_features))
+        zero = self.cls_score(empty).sum()
+        return {"loss_mimic": zero, "loss_mimic_cls": zero}
+
+
+@META_ARCH_REGISTRY.register()
+class MimicRCNN(GeneralizedRCNN):
+    """GeneralizedRCNN trained with R-CNN feature mimicking when
+    MODEL.DCNV2.MIMIC.ENABLED is set; otherwise exactly GeneralizedRCNN.
+
+    Inference is GeneralizedRCNN's: the R-CNN branch never runs there, and a
+    model gives the same outputs as a GeneralizedRCNN with the same weights
+    (the branch's classifier, under `mimic.`, is the only extra parameter).
+    """
+
+    @configurable
+    def __init__(self, *, mimic: Optional[RCNNFeatureMimicking], **kwargs):
+        super().__init__(**kwargs)
+        self.mimic = mimic
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        if not cfg.MODEL.DCNV2.MIMIC.ENABLED:
+            ret["mimic"] = None
+            return ret
+        if ret["proposal_generator"] is None:
+            raise ValueError(
+                "R-CNN feature mimicking is built for end-to-end Faster/Mask R-CNN: it needs a "
+                "proposal generator (MODEL.PROPOSAL_GENERATOR.NAME), not precomputed proposals"
+            )
+        ret["mimic"] = RCNNFeatureMimicking(cfg, ret["backbone"], ret["roi_heads"])
+        return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training or self.mimic is None:
+            return super().forward(batched_inputs)
+
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        # In training the ROI heads return the RoIs they sampled, each labelled
+        # with its matched ground truth: the pool the mimicked RoIs come from.
+        rois, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        mimic_losses = self.mimic(images, features, rois, backbone=self.backbone, roi_heads=self.roi_heads)
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+        return {**detector_losses, **proposal_losses, **mimic_losses}
