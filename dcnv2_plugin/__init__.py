@@ -11,3 +11,4 @@ _detectron2_compat.install()
 from . import ops  # noqa: E402
 from .config import add_dcnv2_config  # noqa: E402
 from . import modeling  # noqa: E402
+from . import data  # noqa: E402  (registers the embedded dataset's names)
