@@ -31,7 +31,9 @@ test: ext
 demo: ext
 	$(PYTHON) tools/demo.py --output $(DEMO_OUT)
 
+# The benchmark's peers (ONNX Runtime) are not dependencies of the plugin.
 bench: ext
+	$(PYTHON) -m pip install -q "onnx==1.16.2" "onnxruntime==1.32.0"
 	$(PYTHON) benchmarks/bench_ops.py
 
 # Compile (not run) the CUDA kernels for one architecture, into a scratch

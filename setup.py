@@ -53,5 +53,6 @@ setup(
     python_requires=">=3.10",
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    extras_require={"bench": ["onnx", "onnxruntime"]},
+    # Benchmark peers only; onnx 1.16 is the last that does not need NumPy 2.
+    extras_require={"bench": ["onnx==1.16.2", "onnxruntime==1.32.0"]},
 )
