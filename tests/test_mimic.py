@@ -304,3 +304,12 @@ def test_disabled_mimicking_is_plain_generalized_rcnn():
 def test_unsupported_settings_are_refused_when_building(override, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(MIMIC_CONFIGS[1], override)
+
+
+def test_mimicking_without_its_meta_architecture_is_refused():
+    # GeneralizedRCNN never runs the branch: the switch would silently do nothing.
+    with pytest.raises(ValueError, match="META_ARCHITECTURE to 'MimicRCNN'"):
+        tiny_model(
+            "COCO-Detection/faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml",
+            ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.DCNV2.MIMIC.ENABLED", True],
+        )
