@@ -19,6 +19,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/deform_roi_pool_geometry.h"
 #include "ops/sampling.h"
 
 namespace dcnv2 {
@@ -28,15 +29,6 @@ namespace {
 
 // Upper bound on the tabulated samples of one chunk of RoIs.
 constexpr int64_t kMaxTapsPerChunk = int64_t(1) << 18;
-
-struct PoolGeometry {
-  int64_t batch, channels, height, width;
-  int64_t num_rois, pooled_h, pooled_w;
-  double spatial_scale, gamma;
-  int64_t sampling_ratio;
-
-  int64_t bins() const { return pooled_h * pooled_w; }
-};
 
 // Offset of bin `bin` of RoI `k`, in feature pixels: (dy, dx).
 template <typename T>
@@ -111,49 +103,6 @@ void fill_taps(const PoolGeometry& g, const T* offset, RoiChunk<T>& chunk) {
       }
     }
   });
-}
-
-PoolGeometry check_and_make_geometry(
-    const at::Tensor& input,
-    const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset,
-    const std::optional<at::Tensor>& mask,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
-  TORCH_CHECK(input.dim() == 4, "deform_roi_pool: input must be 4-D, got ", input.dim(), "-D");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "deform_roi_pool: rois must be [K, 5], got ", rois.sizes());
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "deform_roi_pool: output size must be positive");
-  TORCH_CHECK(input.scalar_type() == rois.scalar_type(), "deform_roi_pool: rois must have input's dtype");
-  PoolGeometry g{};
-  g.batch = input.size(0);
-  g.channels = input.size(1);
-  g.height = input.size(2);
-  g.width = input.size(3);
-  g.num_rois = rois.size(0);
-  g.pooled_h = pooled_height;
-  g.pooled_w = pooled_width;
-  g.spatial_scale = spatial_scale;
-  g.sampling_ratio = sampling_ratio;
-  g.gamma = gamma;
-  if (offset.has_value()) {
-    TORCH_CHECK(
-        offset->dim() == 4 && offset->size(0) == g.num_rois && offset->size(1) == 2 &&
-            offset->size(2) == pooled_height && offset->size(3) == pooled_width,
-        "deform_roi_pool: offset has shape ", offset->sizes(), ", expected [", g.num_rois, ", 2, ", pooled_height,
-        ", ", pooled_width, "]");
-  }
-  if (mask.has_value()) {
-    TORCH_CHECK(
-        mask->dim() == 4 && mask->size(0) == g.num_rois && mask->size(1) == 1 && mask->size(2) == pooled_height &&
-            mask->size(3) == pooled_width,
-        "deform_roi_pool: mask has shape ", mask->sizes(), ", expected [", g.num_rois, ", 1, ", pooled_height, ", ",
-        pooled_width, "]");
-  }
-  TORCH_CHECK(g.height * g.width < (int64_t(1) << 31), "deform_roi_pool: input plane too large");
-  return g;
 }
 
 at::Tensor deform_roi_pool_forward_kernel(
