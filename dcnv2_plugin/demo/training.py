@@ -1,0 +1,79 @@
+"""One demo run (one model, one seed), meant to run in a process of its own:
+trains with train_net.py's Trainer, which then evaluates with its
+COCOEvaluator; the demo also times the model's forward pass on each test
+image."""
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+from torch import nn
+
+from detectron2.engine import default_argument_parser
+
+from .datasets import register_demo_datasets
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    config_file: Path
+    output_dir: Path
+    opts: Tuple[str, ...]  # KEY VALUE config overrides, after the config file
+    quick: bool  # which datasets the opts name (see datasets.py)
+    train_net: Path  # the project's train_net.py
+
+
+class InferenceTimer(nn.Module):
+    """Wraps a model and records how long each forward call takes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.seconds_per_call: List[float] = []
+
+    def forward(self, batched_inputs):
+        start = time.perf_counter()
+        outputs = self.model(batched_inputs)
+        self.seconds_per_call.append((time.perf_counter() - start) / len(batched_inputs))
+        return outputs
+
+    def seconds_per_image(self) -> float:
+        # The first call pays one-off costs (allocations, lazy init), as in
+        # detectron2's own timing, which skips its warm-up iterations.
+        timed = self.seconds_per_call[1:] or self.seconds_per_call
+        return sum(timed) / len(timed)
+
+
+def load_train_net(path: Path):
+    spec = importlib.util.spec_from_file_location("train_net", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed_trainer_class(trainer_class):
+    class TimedTrainer(trainer_class):
+        """The Trainer whose evaluation (run by its hook after the last
+        iteration) also reports the inference time per image."""
+
+        @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            timer = InferenceTimer(model)
+            results = super().test(cfg, timer, evaluators)
+            # The trainer's evaluation hook writes these to metrics.json too.
+            return {**results, "inference": {"seconds_per_image": timer.seconds_per_image()}}
+
+    return TimedTrainer
+
+
+def train_and_evaluate(run: RunSpec) -> None:
+    """Trains and evaluates one model. The evaluation results, the inference
+    time among them, land in the run's metrics.json with the losses."""
+    register_demo_datasets(run.quick)
+    train_net = load_train_net(run.train_net)
+    args = default_argument_parser().parse_args(["--config-file", str(run.config_file), *run.opts])
+    cfg = train_net.setup(args)
+    trainer = _timed_trainer_class(train_net.Trainer)(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()

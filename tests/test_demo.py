@@ -1,0 +1,144 @@
+"""The CPU demo: its configs, its table, and a quick run of the whole pipeline."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import dcnv2_plugin  # noqa: F401  (registers the models)
+from dcnv2_plugin.demo import DEMO_MODELS
+from dcnv2_plugin.demo.models import load_config
+from dcnv2_plugin.demo.pipeline import schedule_opts
+from dcnv2_plugin.demo.report import markdown_table
+from detectron2.modeling import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs" / "demo"
+
+# What each model changes in the regular model's config: nothing else may
+# differ, or the comparison would not isolate the deformable modules.
+DCN_KEYS = {"MODEL.RESNETS.DEFORM_ON_PER_STAGE", "MODEL.RESNETS.DEFORM_MODULATED", "MODEL.ROI_BOX_HEAD.POOLER_TYPE"}
+ALLOWED_CHANGES = {
+    "regular": set(),
+    "stn": {"MODEL.DCNV2.STN.ENABLED", "MODEL.DCNV2.STN.HIDDEN_DIM"},
+    "dcnv1": DCN_KEYS - {"MODEL.RESNETS.DEFORM_MODULATED"},  # unmodulated is detectron2's default
+    "dcnv2": DCN_KEYS,
+    "dcnv2_mimic": DCN_KEYS | {
+        "MODEL.META_ARCHITECTURE",
+        "MODEL.DCNV2.MIMIC.ENABLED",
+        "MODEL.DCNV2.MIMIC.NUM_POS_ROIS",
+        "MODEL.DCNV2.MIMIC.CROP_SIZE",
+    },
+}
+
+
+def flatten(node, prefix=""):
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_every_demo_model_has_a_config_and_an_allowed_list():
+    assert set(ALLOWED_CHANGES) == set(DEMO_MODELS)
+    for name in DEMO_MODELS:
+        assert (CONFIG_DIR / f"{name}.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", [name for name in DEMO_MODELS if name != "regular"])
+def test_configs_differ_from_the_regular_one_only_in_their_modules(name):
+    regular = flatten(load_config(CONFIG_DIR / "regular.yaml"))
+    model = flatten(load_config(CONFIG_DIR / f"{name}.yaml"))
+    changed = {key for key in regular if regular[key] != model[key]}
+    assert changed == ALLOWED_CHANGES[name]
+
+
+def test_the_demo_models_have_the_ablations_modules():
+    def module_types(name):
+        return {type(m).__name__ for m in build_model(load_config(CONFIG_DIR / f"{name}.yaml")).modules()}
+
+    regular = module_types("regular")
+    assert {"BasicStem", "BottleneckBlock", "ROIPooler"} <= regular
+    assert not regular & {"DeformBottleneckBlock", "DeformableROIPooler", "SpatialTransformer"}
+    assert "SpatialTransformer" in module_types("stn")
+    for name in ("dcnv1", "dcnv2", "dcnv2_mimic"):
+        assert {"DeformBottleneckBlock", "DeformableROIPooler"} <= module_types(name)
+    assert "RCNNFeatureMimicking" in module_types("dcnv2_mimic")
+
+
+def test_iters_override_keeps_the_schedule_in_proportion():
+    base = load_config(CONFIG_DIR / "Base-Demo.yaml").SOLVER
+    assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (400, (320,), 100)
+    assert schedule_opts(CONFIG_DIR / "dcnv2.yaml", 20) == [
+        "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.WARMUP_ITERS", "5",
+    ]  # fmt: skip
+
+
+def test_table_shows_mean_and_half_range_across_seeds():
+    def aggregate(mean, half_range):
+        return {"mean": mean, "half_range": half_range}
+
+    summary = [{
+        "title": "DCNv2",
+        "box_AP": aggregate(30.0, 2.0), "box_AP50": aggregate(50.0, 0.0), "box_AP75": aggregate(None, None),
+        "parameters": aggregate(2_634_786, 0.0),
+        "train_seconds_per_iter": aggregate(0.612, 0.01),
+        "inference_seconds_per_image": aggregate(0.0421, 0.0),
+    }]  # fmt: skip
+    header, rule, row = markdown_table(summary).splitlines()
+    assert header == "| model | box AP | box AP50 | box AP75 | params (M) | train s/iter | inference ms/image |"
+    assert rule == "|---|---:|---:|---:|---:|---:|---:|"
+    assert row == "| DCNv2 | 30.0 ± 2.0 | 50.0 | n/a | 2.63 | 0.61 ± 0.01 | 42 |"
+
+
+def load_demo_tool():
+    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_png(path: Path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeypatch):
+    # The quick splits are generated under the test's own folder.
+    monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
+    output = tmp_path / "demo"
+    models = ["regular", "dcnv2"]
+    returned = load_demo_tool().main(["--output", str(output), "--quick", "--models", *models])
+
+    written = json.loads((output / "results.json").read_text())
+    assert written == returned
+    assert written["iterations"] == 4 and written["seeds"] == [0]
+    assert [model["name"] for model in written["models"]] == models
+    measured = [f"{task}_{metric}" for task in ("box", "mask") for metric in ("AP", "AP50", "AP75")]
+    measured += ["parameters", "train_seconds_per_iter", "inference_seconds_per_image"]
+    for model in written["models"]:
+        (run,) = model["runs"]
+        assert set(run) == {"seed", *measured}
+        for key in measured:
+            assert math.isfinite(run[key]) and run[key] >= 0, (model["name"], key, run[key])
+            assert model[key] == {"mean": run[key], "half_range": 0.0}
+        assert run["train_seconds_per_iter"] > 0 and run["inference_seconds_per_image"] > 0
+    regular, dcnv2 = written["models"]
+    assert dcnv2["parameters"]["mean"] > regular["parameters"]["mean"]  # offset convs and pooling branch
+
+    table = (output / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | box AP | box AP50 | box AP75 | mask AP |")
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {DEMO_MODELS[name].title}" for name in models]
+
+    assert_png(output / "losses.png")
+    # Two validation images, two pictures each.
+    for kind in ("sampling", "roi_bins"):
+        pictures = sorted((output / "pictures").glob(f"*_{kind}.png"))
+        assert len(pictures) == 2
+        for picture in pictures:
+            assert_png(picture)
