@@ -21,6 +21,7 @@ thread count; every ratio is ours / peer (below 1 = ours faster). Sections:
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -194,36 +195,44 @@ def _reset_peak_rss():
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def bench_memory(args):
-    """Peak memory above inputs and outputs during forward+backward of
-    conv4, against batch size: the column buffers must not grow with it."""
-    rows = []
+def memory_probe(batch, device, dtype):
+    """Peak memory of one deform_conv2d forward+backward at conv4 shapes,
+    measured from inputs created to gradients returned: (peak above start,
+    of which beyond the output and the gradients, which must exist anyway)."""
     _, _, channels, height, width = CONV_SHAPES[1]
+    x, weight, offset, mask = conv_inputs(batch, channels, height, width, device, dtype)
+    held = sum(t.numel() * t.element_size() for t in (x, weight, offset, mask)) + x.numel() * x.element_size()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        base = _peak_rss_bytes()
+    out = deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    grads = torch.autograd.grad(out, (x, weight, offset, mask), torch.ones_like(out))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _peak_rss_bytes() - base
+    del grads
+    return peak, max(peak - held, 0)
+
+
+def bench_memory(args):
+    """memory_probe per batch size, each in a fresh process whose large
+    allocations go back to the OS when freed, so RSS tracks live memory."""
+    rows = []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for batch in (1, 2, 4, 8):
-        x, weight, offset, mask = conv_inputs(batch, channels, height, width, args.device, args.dtype)
-        tensors_bytes = sum(t.numel() * t.element_size() for t in (x, weight, offset, mask))
-        # output + the four gradients have the inputs' sizes (plus the output once)
-        held = 2 * tensors_bytes + x.numel() * x.element_size()
-
-        def run():
-            out = deform_conv2d(x, offset, weight, padding=1, mask=mask)
-            return torch.autograd.grad(out, (x, weight, offset, mask), torch.ones_like(out))
-
-        run()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            grads = run()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            _reset_peak_rss()
-            base = _peak_rss_bytes()
-            grads = run()
-            peak = _peak_rss_bytes() - base
-        del grads
-        rows.append((batch, peak, max(peak - held, 0)))
+        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", str(batch), "--device", args.device,
+                   "--dtype", str(args.dtype).replace("torch.", "")]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        peak, extra = json.loads(output.strip().splitlines()[-1])
+        rows.append((batch, peak, extra))
     return rows
 
 
@@ -286,10 +295,14 @@ def main():
     parser.add_argument("--sections", default="conv,pool,memory,e2e")
     parser.add_argument("--e2e-size", type=int, nargs=2, default=(512, 672), metavar=("H", "W"))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--memory-probe", type=int, metavar="BATCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = args.autocast_dtype = getattr(torch, args.dtype)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.device, args.dtype)))
+        return
     if args.autocast:
         args.dtype = torch.float32
     sections = args.sections.split(",")
@@ -324,7 +337,7 @@ def main():
             results["pool"][label] = t
     if "memory" in sections:
         print(f"\n## peak memory of deform_conv2d fwd+bwd at {CONV_SHAPES[1][0]} shapes vs batch")
-        print("| batch | peak above start | of which beyond inputs/outputs/grads |")
+        print("| batch | peak above start | of which beyond the output and gradients |")
         print("|---|---|---|")
         results["memory"] = []
         for batch, peak, extra in bench_memory(args):
