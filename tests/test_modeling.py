@@ -207,7 +207,7 @@ def test_single_feature_map_dc5_detector_trains_and_infers(device):
         "MODEL.ROI_HEADS.IN_FEATURES", ["res5"],
         "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ModulatedDeformRoIPool",
     )
-    assert len(model.roi_heads.box_pooler.deform_poolers) == 1
+    assert len(model.roi_heads.box_pooler.level_poolers) == 1
     perturb_zero_initialized_weights(model)
     losses = train_one_step(model)
     assert all(math.isfinite(loss.item()) for loss in losses.values())

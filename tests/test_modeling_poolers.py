@@ -149,7 +149,7 @@ def test_deformable_pooler_types_build_deformable_poolers(box_type, mask_type):
         assert isinstance(pooler, DeformableROIPooler)
         assert pooler.output_size == (resolution, resolution)
         assert pooler.offset_predictor.modulated == (pooler_type == "ModulatedDeformRoIPool")
-        assert [p.spatial_scale for p in pooler.deform_poolers] == FPN_SCALES
+        assert [p.spatial_scale for p in pooler.level_poolers] == FPN_SCALES
     # The box head is detectron2's, sized for the pooled shape.
     assert heads.box_head.fc1.in_features == CHANNELS * 7 * 7
 

@@ -95,7 +95,11 @@ class DeformableROIPooler(ROIPooler):
             canonical_box_size=canonical_box_size,
             canonical_level=canonical_level,
         )
-        self.deform_poolers = nn.ModuleList(
+        # Without offsets this project's pooling is RoIAlignV2, with a faster
+        # CPU backward than torchvision's roi_align: it serves both the
+        # offset branch's plain pooling (the parent's level_poolers) and the
+        # deformable pooling.
+        self.level_poolers = nn.ModuleList(
             DeformRoIPool(self.output_size, spatial_scale=scale, sampling_ratio=sampling_ratio, gamma=gamma)
             for scale in scales
         )
@@ -106,17 +110,15 @@ class DeformableROIPooler(ROIPooler):
         if regular.shape[0] == 0:
             return regular
         offset, mask = self.offset_predictor(regular)
-        # Boxes are always float32; the op wants the features' dtype (as
-        # detectron2's ROIAlign converts them too).
-        rois = convert_boxes_to_pooler_format(box_lists).to(regular.dtype)
-        if len(self.deform_poolers) == 1:
-            return self.deform_poolers[0](x[0], rois, offset, mask)
+        rois = convert_boxes_to_pooler_format(box_lists)
+        if len(self.level_poolers) == 1:
+            return self.level_poolers[0](x[0], rois, offset, mask)
 
         levels = assign_boxes_to_levels(
             box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
         output = torch.zeros_like(regular)
-        for level, pooler in enumerate(self.deform_poolers):
+        for level, pooler in enumerate(self.level_poolers):
             inds = nonzero_tuple(levels == level)[0]
             level_mask = None if mask is None else mask[inds]
             output.index_put_((inds,), pooler(x[level], rois[inds], offset[inds], level_mask))

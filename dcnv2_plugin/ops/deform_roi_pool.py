@@ -91,6 +91,10 @@ class DeformRoIPool(nn.Module):
         self.gamma = float(gamma)
 
     def forward(self, input, rois, offset=None, mask=None):
+        # Boxes usually stay float32 whatever the features' dtype; convert
+        # them, as detectron2's ROIAlign does.
+        if isinstance(rois, torch.Tensor):
+            rois = rois.to(input.dtype)
         return deform_roi_pool(
             input, rois, offset, mask, output_size=self.output_size, spatial_scale=self.spatial_scale,
             sampling_ratio=self.sampling_ratio, gamma=self.gamma,
