@@ -90,5 +90,14 @@ inline ConvGeometry check_and_make_geometry(
   return g;
 }
 
+// The backward's incoming gradient must have the output's shape.
+inline void check_output_grad(const at::Tensor& grad, const ConvGeometry& g) {
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.out_channels && grad.size(2) == g.out_h &&
+          grad.size(3) == g.out_w,
+      "deform_conv2d backward: grad has shape ", grad.sizes(), ", expected the output's [", g.batch, ", ",
+      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+}
+
 }  // namespace ops
 }  // namespace dcnv2

@@ -65,5 +65,14 @@ inline PoolGeometry check_and_make_geometry(
   return g;
 }
 
+// The backward's incoming gradient must have the output's shape.
+inline void check_output_grad(const at::Tensor& grad, const PoolGeometry& g) {
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == g.num_rois && grad.size(1) == g.channels && grad.size(2) == g.pooled_h &&
+          grad.size(3) == g.pooled_w,
+      "deform_roi_pool backward: grad has shape ", grad.sizes(), ", expected the output's [", g.num_rois, ", ",
+      g.channels, ", ", g.pooled_h, ", ", g.pooled_w, "]");
+}
+
 }  // namespace ops
 }  // namespace dcnv2

@@ -253,9 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const ConvGeometry g = check_and_make_geometry(
       input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
       offset_groups);
-  TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == g.batch && grad_.size(1) == g.out_channels &&
-                  grad_.size(2) == g.out_h && grad_.size(3) == g.out_w,
-              "deform_conv2d backward: grad has shape ", grad_.sizes());
+  check_output_grad(grad_, g);
   at::globalContext().alertNotDeterministic("dcnv2::_deform_conv2d_backward (CUDA input gradient uses atomicAdd)");
   c10::cuda::CUDAGuard device_guard(input_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -207,9 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
     double gamma) {
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
-  TORCH_CHECK(grad_.dim() == 4 && grad_.size(0) == g.num_rois && grad_.size(1) == g.channels &&
-                  grad_.size(2) == g.pooled_h && grad_.size(3) == g.pooled_w,
-              "deform_roi_pool backward: grad has shape ", grad_.sizes());
+  check_output_grad(grad_, g);
   at::globalContext().alertNotDeterministic("dcnv2::_deform_roi_pool_backward (CUDA input gradient uses atomicAdd)");
   c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor grad = grad_.contiguous();
