@@ -49,3 +49,8 @@ def pair(name: str, value) -> tuple:
     if len(value) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value}")
     return value
+
+
+def conv_output_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -> int:
+    """Output length of a convolution along one dimension."""
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1

@@ -17,19 +17,17 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         f"Cause: {e}"
     ) from e
 
+from ._checks import conv_output_size  # noqa: E402
+
 _ops = torch.ops.dcnv2
-
-
-def _out_size(size, pad, dilation, kernel, stride):
-    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
 # ---------------------------------------------------------------- deform_conv2d
 @torch.library.register_fake("dcnv2::deform_conv2d")
 def _deform_conv2d_fake(input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
                         dilation_h, dilation_w, groups, offset_groups):
-    out_h = _out_size(input.shape[2], pad_h, dilation_h, weight.shape[2], stride_h)
-    out_w = _out_size(input.shape[3], pad_w, dilation_w, weight.shape[3], stride_w)
+    out_h = conv_output_size(input.shape[2], pad_h, dilation_h, weight.shape[2], stride_h)
+    out_w = conv_output_size(input.shape[3], pad_w, dilation_w, weight.shape[3], stride_w)
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _library
-from ._checks import check_floating, check_rank, check_same_dtype_device, pair
+from ._checks import check_floating, check_rank, check_same_dtype_device, conv_output_size, pair
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -81,8 +81,8 @@ def deform_conv2d(
             f"offset implies {offset_groups} offset groups, which does not divide input's "
             f"{in_channels} channels"
         )
-    out_h = (height + 2 * pad_h - (dil_h * (kh - 1) + 1)) // stride_h + 1
-    out_w = (width + 2 * pad_w - (dil_w * (kw - 1) + 1)) // stride_w + 1
+    out_h = conv_output_size(height, pad_h, dil_h, kh, stride_h)
+    out_w = conv_output_size(width, pad_w, dil_w, kw, stride_w)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(
             f"the output would be empty ({out_h}x{out_w}): input {height}x{width} is too small "
