@@ -52,16 +52,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, device, repeat):
-    fn()  # warm-up (allocator, lazy init, autotuning)
+def best_times(fns, device, repeat):
+    """{name: fn} -> {name: min seconds over `repeat` calls}. The candidates
+    take turns, so a slow phase of the machine (another process, memory
+    being returned to the OS) costs each of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, lazy init, autotuning)
     _sync(device)
-    best = float("inf")
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def best_time(fn, device, repeat):
+    return best_times({"fn": fn}, device, repeat)["fn"]
 
 
 def conv_inputs(batch, channels, height, width, device, dtype, requires_grad=True):
@@ -126,13 +135,14 @@ def bench_conv(args):
                                     allow_unused=True)
             return run
 
+        candidates = {"ours": ours, "torchvision": theirs, "conv2d": dense}
+        fns = {**{(name, "fwd"): fn for name, fn in candidates.items()},
+               **{(name, "fwd+bwd"): fwd_bwd(fn) for name, fn in candidates.items()}}
         with torch.autocast(args.device, dtype=args.autocast_dtype, enabled=args.autocast):
-            timed = {
-                "ours": (best_time(ours, args.device, args.repeat), best_time(fwd_bwd(ours), args.device, args.repeat)),
-                "torchvision": (best_time(theirs, args.device, args.repeat),
-                                best_time(fwd_bwd(theirs), args.device, args.repeat)),
-                "conv2d": (best_time(dense, args.device, args.repeat), best_time(fwd_bwd(dense), args.device, args.repeat)),
-            }
+            best = best_times(fns, args.device, args.repeat)
+        timed = {name: (best[(name, "fwd")], best[(name, "fwd+bwd")]) for name in candidates}
+        # Timed on its own: ONNX Runtime's threads spin for a while after each
+        # run and would slow down whichever candidate came next.
         ort = _ort_deform_conv(x, weight, offset, mask, torch.get_num_threads()) if args.device == "cpu" else None
         if ort is not None:
             timed["onnxruntime"] = (best_time(ort, "cpu", args.repeat), None)
@@ -172,12 +182,11 @@ def bench_pool(args):
                 torch.autograd.grad(out, inputs, torch.ones_like(out))
             return run
 
-        timed = {
-            "ours": (best_time(ours, args.device, args.repeat),
-                     best_time(fwd_bwd(ours, (x, offset, mask)), args.device, args.repeat)),
-            "roi_align": (best_time(theirs, args.device, args.repeat),
-                          best_time(fwd_bwd(theirs, (x,)), args.device, args.repeat)),
-        }
+        best = best_times({
+            ("ours", "fwd"): ours, ("ours", "fwd+bwd"): fwd_bwd(ours, (x, offset, mask)),
+            ("roi_align", "fwd"): theirs, ("roi_align", "fwd+bwd"): fwd_bwd(theirs, (x,)),
+        }, args.device, args.repeat)  # fmt: skip
+        timed = {name: (best[(name, "fwd")], best[(name, "fwd+bwd")]) for name in ("ours", "roi_align")}
         rows.append((f"stride {level[0]} {tuple(x.shape)} 1024 RoIs", timed))
     return rows
 

@@ -117,6 +117,21 @@ def test_lower_precision_dtypes_match_float64(dtype, device, tol):
     assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in cast)
 
 
+def _fwd_bwd_at_thread_counts(x, offset, weight, bias, mask, kw):
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            inputs = [t for t in (x, offset, weight, bias, mask) if t is not None]
+            results.append((out,) + torch.autograd.grad(out, inputs, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def test_results_do_not_depend_on_thread_count():
     x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[1], torch.float32, "cpu")
     # Larger than one column chunk's worth of parallel tasks.
@@ -124,19 +139,34 @@ def test_results_do_not_depend_on_thread_count():
     out_h, out_w = (20 + 2 - 5) // 2 + 1, 24 - 1
     offset = torch.randn(2, offset.shape[1], out_h, out_w, requires_grad=True)
     mask = torch.rand(2, mask.shape[1], out_h, out_w, requires_grad=True)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            out = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
-            grads = torch.autograd.grad(out, (x, offset, weight, bias, mask), torch.ones_like(out))
-            results.append((out,) + grads)
-    finally:
-        torch.set_num_threads(threads)
+    results = _fwd_bwd_at_thread_counts(x, offset, weight, bias, mask, kw)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# Shapes at which the dense patch conv runs on the CPU's fast conv library
+# (oneDNN) rather than a reference path: one tile, several tiles per image,
+# several images per backward chunk.
+@pytest.mark.parametrize("shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17)])
+def test_results_at_detection_widths_do_not_depend_on_thread_count(shape):
+    g = torch.Generator().manual_seed(0)
+    batch, channels, height, width = shape
+    x = torch.randn(shape, generator=g).requires_grad_()
+    weight = (torch.randn(channels, channels, 3, 3, generator=g) * 0.05).requires_grad_()
+    offset = (torch.randn(batch, 18, height, width, generator=g) * 2).requires_grad_()
+    mask = torch.rand(batch, 9, height, width, generator=g).requires_grad_()
+    results = _fwd_bwd_at_thread_counts(x, offset, weight, None, mask, {"padding": 1})
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    # And they are right: torchvision's kernel in float64, gradients included.
+    inputs = [t.detach().double().requires_grad_() for t in (x, offset, weight, mask)]
+    expected = torchvision.ops.deform_conv2d(inputs[0], inputs[1], inputs[2], padding=1, mask=inputs[3])
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).double()  # as above
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for ours, theirs in zip(results[0], (expected,) + expected_grads):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck():

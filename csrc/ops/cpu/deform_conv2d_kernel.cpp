@@ -2,23 +2,26 @@
 //
 //   y(p) = sum_k w_k * x(p + p_k + dp_k) * dm_k
 //
-// "Deformable im2col + GEMM", channels-last: the input is viewed as
+// "Deformable patches + dense conv", channels-last: the input is viewed as
 // [B, H, W, C], so the four bilinear taps of a sampling point, computed once,
 // serve all channels of its offset group in contiguous (SIMD) loops. The
-// column buffer is [rows = output positions, C * kh * kw], ordered
-// (group, kernel point, channel in group) so each conv group's block is a
-// plain GEMM operand.
+// sampled values (times the modulation) are written as a patch image
+// [B, kh * H_out, kw * W_out, C]: output position (i, j) owns the kh x kw
+// block at (i * kh, j * kw), holding its kernel points' samples. A dense
+// conv2d of the patch image with the layer's weight, stride (kh, kw), no
+// padding, is then the deformable conv; for float32 it runs on oneDNN, whose
+// kernels use the widest vector units the CPU has, and its backward gives
+// the weight gradient and the gradient of every sample.
 //
-// Forward fuses the gather with the GEMM per tile of output positions (the
-// tile's columns stay in cache); memory is one tile per thread, whatever the
-// batch. Backward works on chunks of images whose buffers stay under a fixed
-// budget: the input gradient is scattered by channel ranges and the offset /
-// mask gradients are summed per sampling point, so no two tasks write the
-// same element and no atomics are needed.
+// Both passes work on tiles of output rows, so memory is a few tiles
+// whatever the batch. Forward fuses sampling and conv per tile, one tile per
+// thread (the tile's patches stay in cache). Backward takes the tiles in
+// order, each split between the threads: the input gradient is scattered by
+// channel ranges and the offset / mask gradients are summed per sampling
+// point, so no two tasks write the same element and no atomics are needed.
 //
-// All work is split into pieces whose sizes depend on the shapes only, and
-// each GEMM runs single-threaded inside its piece, so results are identical
-// at any thread count.
+// All work is split into pieces whose sizes depend on the shapes only, so
+// results are identical at any thread count (tested).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,38 +38,54 @@ namespace ops {
 
 namespace {
 
-// Target size of one forward tile's column buffer: large enough that each
-// GEMM amortizes reading the weights, small enough to stay in cache.
+// Size of one forward tile's patch image: at least kTileBytes, so that it
+// stays in cache, and at least kTileWeightRatio times the weight, because
+// every conv call reorders the weight into the conv library's layout.
 constexpr int64_t kTileBytes = int64_t(4) << 20;
-// Upper bound on the column buffers of one backward chunk of images.
-constexpr int64_t kColumnBudgetBytes = int64_t(64) << 20;
-// Work per task of the backward GEMMs: weight-gradient columns, and
-// column-gradient rows (output positions). Shapes chosen so that each
-// operand is read in BLAS's preferred (non-transposed) layout.
-constexpr int64_t kGemmWeightBlock = 576;
-constexpr int64_t kGemmPositionBlock = 512;
+constexpr int64_t kTileWeightRatio = 2;
+// The backward's tiles: larger, since each of its conv calls is split
+// between the threads (and still under the allocator's mmap threshold, so
+// that the buffers are reused rather than mapped afresh on every call).
+constexpr int64_t kBackwardTileBytes = int64_t(16) << 20;
 
-// A run of channels [begin, end) within one conv group and one offset group:
-// the unit of the contiguous inner loops.
+// A run of channels [begin, end) within one offset group: the unit of the
+// contiguous inner loops.
 struct ChannelRun {
-  int64_t begin, end, group, offset_group;
+  int64_t begin, end, offset_group;
 };
 
 std::vector<ChannelRun> channel_runs(const ConvGeometry& g, int64_t begin, int64_t end) {
   std::vector<ChannelRun> runs;
-  const int64_t cpg = g.channels_per_group(), cpog = g.channels_per_offset_group();
+  const int64_t cpog = g.channels_per_offset_group();
   for (int64_t c = begin; c < end;) {
-    const int64_t stop = std::min({end, (c / cpg + 1) * cpg, (c / cpog + 1) * cpog});
-    runs.push_back({c, stop, c / cpg, c / cpog});
+    const int64_t stop = std::min(end, (c / cpog + 1) * cpog);
+    runs.push_back({c, stop, c / cpog});
     c = stop;
   }
   return runs;
 }
 
-// Offset of channel c's column for kernel point k within a column row.
-inline int64_t column_index(const ConvGeometry& g, const ChannelRun& run, int64_t k, int64_t c) {
-  const int64_t cpg = g.channels_per_group();
-  return (run.group * g.kernel_points() + k) * cpg + (c - run.group * cpg);
+// Where the samples of row r (an output position, counted from the start of
+// a block of whole output rows) and kernel point k start in the block's
+// patch image; channel c is at + c.
+inline int64_t patch_offset(const ConvGeometry& g, int64_t r, int64_t k) {
+  const int64_t i = r / g.out_w, j = r % g.out_w;
+  const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
+  return ((i * g.kernel_h + ki) * (g.kernel_w * g.out_w) + j * g.kernel_w + kj) * g.channels;
+}
+
+// The patch image of `images` x `out_rows` output rows as a channels-last
+// [images, C, kh * out_rows, kw * W_out] tensor over `patches`.
+template <typename T>
+at::Tensor patch_image(T* patches, const ConvGeometry& g, int64_t images, int64_t out_rows, const at::TensorOptions& options) {
+  const int64_t h = g.kernel_h * out_rows, w = g.kernel_w * g.out_w, C = g.channels;
+  return at::from_blob(patches, {images, C, h, w}, {h * w * C, 1, w * C, C}, options);
+}
+
+// The dense conv that contracts a patch image with the layer's weight.
+at::Tensor patch_conv(const at::Tensor& patches, const at::Tensor& weight, const ConvGeometry& g) {
+  const int64_t stride[2] = {g.kernel_h, g.kernel_w}, padding[2] = {0, 0}, dilation[2] = {1, 1};
+  return at::conv2d(patches, weight, std::nullopt, stride, padding, dilation, g.groups);
 }
 
 // Taps of every sampling point of output rows [row0, row0 + rows), a row
@@ -114,22 +133,22 @@ inline int active_taps(const Taps<T>& t, int* which) {
   return n;
 }
 
-// columns[row][group][k][channel] = x(sampling point) * mask, for `rows` rows
-// starting at global row `row0`. x is channels-last.
+// The patch image of rows [r_begin, r_end) of a block starting at global row
+// `row0` (a row being image * positions + position; row0 starts an output
+// row): x(sampling point) * mask. `taps` holds the block's taps from r = 0.
 template <typename T>
-void gather_columns(
+void gather_patches(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* mask, const Taps<T>* taps,
-    int64_t row0, int64_t rows, T* columns) {
+    int64_t row0, int64_t r_begin, int64_t r_end, T* patches) {
   const int64_t kk = g.kernel_points(), C = g.channels;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t row = row0 + r;
     const T* x = x_nhwc + (row / g.positions()) * g.plane() * C;
-    T* col_row = columns + r * g.row_length();
     for (const ChannelRun& run : runs) {
       for (int64_t k = 0; k < kk; ++k) {
         const Taps<T>& t = taps[(r * g.offset_groups + run.offset_group) * kk + k];
         const T m = modulation(g, mask, row, run.offset_group, k);
-        T* dst = col_row + column_index(g, run, k, run.begin) - run.begin;
+        T* dst = patches + patch_offset(g, r, k);
         int which[4];
         const int n = active_taps(t, which);
         const T w0 = t.weight[0] * m, w1 = t.weight[1] * m, w2 = t.weight[2] * m, w3 = t.weight[3] * m;
@@ -156,52 +175,28 @@ void gather_columns(
   }
 }
 
-// The group's block of `rows` column rows, [rows, kk * C_in / groups].
-
-template <typename T>
-at::Tensor group_columns(T* columns, int64_t rows, const ConvGeometry& g, int64_t group, const at::TensorOptions& options) {
-  const int64_t width = g.kernel_points() * g.channels_per_group();
-  return at::from_blob(columns + group * width, {rows, width}, {g.row_length(), 1}, options);
-}
-
-// `weight_t`: per group [kk * C_in / groups, C_out / groups] (see
-// weight_in_column_order), so the tile's GEMM reads both operands row-major.
+// Output rows [i0, i0 + out_rows) of image b: sample, then conv.
 template <typename T>
 void forward_tile(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* offset, const T* mask,
-    const at::Tensor& weight_t, int64_t row0, int64_t rows, std::vector<Taps<T>>& taps, std::vector<T>& columns,
-    T* output) {
+    const at::Tensor& weight, int64_t b, int64_t i0, int64_t out_rows, std::vector<Taps<T>>& taps,
+    std::vector<T>& patches, at::Tensor& output) {
+  const int64_t row0 = b * g.positions() + i0 * g.out_w, rows = out_rows * g.out_w;
   sampling_taps(g, offset, row0, rows, taps.data());
-  gather_columns(g, runs, x_nhwc, mask, taps.data(), row0, rows, columns.data());
-  // Plain GEMMs on raw buffers: below autograd, whatever thread runs them.
+  gather_patches(g, runs, x_nhwc, mask, taps.data(), row0, 0, rows, patches.data());
+  // A dense op on raw buffers: below autograd, whatever thread runs it.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto options = weight_t.options();
-  const int64_t P = g.positions(), b = row0 / P, p0 = row0 % P, cout_g = g.out_channels / g.groups;
-  for (int64_t grp = 0; grp < g.groups; ++grp) {
-    // output[b][group's channels][p0 : p0 + rows] = (columns_g @ W_g^T)^T
-    at::Tensor out = at::from_blob(output + (b * g.out_channels + grp * cout_g) * P + p0, {cout_g, rows}, {P, 1}, options);
-    out.t().copy_(at::mm(group_columns(columns.data(), rows, g, grp, options), weight_t.select(0, grp)));
-  }
+  const at::Tensor tile = patch_conv(patch_image(patches.data(), g, 1, out_rows, weight.options()), weight, g);
+  output.select(0, b).narrow(1, i0, out_rows).copy_(tile.select(0, 0));
 }
 
-// Output positions per forward tile: a column buffer of about kTileBytes.
-int64_t tile_positions(const ConvGeometry& g, int64_t element_size) {
-  const int64_t tile = std::max<int64_t>(16, kTileBytes / std::max<int64_t>(g.row_length() * element_size, 1)) / 16 * 16;
-  return std::min(tile, g.positions());
-}
-
-int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size) {
-  const int64_t per_image = 2 * g.row_length() * g.positions() * element_size;  // columns and their gradient
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, kColumnBudgetBytes / std::max<int64_t>(per_image, 1)));
-}
-
-// weight [C_out, C_in / groups, kh, kw] -> [groups, C_out / groups, kk * C_in / groups]
-// in the columns' (k, channel) order.
-at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& g) {
-  return weight.reshape({g.groups, g.out_channels / g.groups, g.channels_per_group(), g.kernel_points()})
-      .permute({0, 1, 3, 2})
-      .contiguous()
-      .view({g.groups, g.out_channels / g.groups, -1});
+// Output rows per tile: a patch image of at least `min_bytes` and at least
+// kTileWeightRatio times the weight (see kTileBytes).
+int64_t tile_rows(const ConvGeometry& g, int64_t element_size, int64_t min_bytes) {
+  const int64_t per_row = std::max<int64_t>(g.out_w * g.row_length() * element_size, 1);
+  const int64_t weight_bytes = g.out_channels * g.channels_per_group() * g.kernel_points() * element_size;
+  const int64_t bytes = std::max(min_bytes, kTileWeightRatio * weight_bytes);
+  return std::min(std::max<int64_t>(1, bytes / per_row), g.out_h);
 }
 
 at::Tensor deform_conv2d_forward_kernel(
@@ -227,24 +222,24 @@ at::Tensor deform_conv2d_forward_kernel(
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
-  const at::Tensor weight_t = weight_in_column_order(weight, g).transpose(1, 2).contiguous();
+  // Channels-last, as the conv library would otherwise copy it on every call.
+  const at::Tensor weight_c = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor offset = offset_.contiguous();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const int64_t P = g.positions();
-  const int64_t tile = tile_positions(g, input.element_size());
-  const int64_t tiles_per_image = (P + tile - 1) / tile;
+  const int64_t tile = tile_rows(g, input.element_size(), kTileBytes);
+  const int64_t tiles_per_image = (g.out_h + tile - 1) / tile;
   const auto runs = channel_runs(g, 0, g.channels);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
     const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Taps<scalar_t>> taps(tile * g.offset_groups * g.kernel_points());
-      std::vector<scalar_t> columns(tile * g.row_length());
+      std::vector<Taps<scalar_t>> taps(tile * g.out_w * g.offset_groups * g.kernel_points());
+      std::vector<scalar_t> patches(tile * g.out_w * g.row_length());
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * tile;
+        const int64_t b = t / tiles_per_image, i0 = (t % tiles_per_image) * tile;
         forward_tile<scalar_t>(
-            g, runs, x_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask_ptr, weight_t, b * P + p0,
-            std::min(tile, P - p0), taps, columns, output.data_ptr<scalar_t>());
+            g, runs, x_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask_ptr, weight_c, b, i0,
+            std::min(tile, g.out_h - i0), taps, patches, output);
       }
     });
   });
@@ -254,54 +249,22 @@ at::Tensor deform_conv2d_forward_kernel(
   return output;
 }
 
-// Per group, grad_weight += grad_out @ columns (by blocks of weight
-// columns) and grad_columns = grad_out^T @ weight (by blocks of positions),
-// each block multiplied on one thread, so the sums do not depend on the
-// thread count. grad_out is [C_out, rows]; grad_out_t is [rows, C_out].
+// grad_x (channels-last) += grad_patches * mask * tap weight, for channels
+// [c_begin, c_end) of every row of a block; callers split the channels
+// between threads.
 template <typename T>
-void backward_gemms(
-    const ConvGeometry& g, const at::Tensor& weight_kc, const at::Tensor& grad_out, const at::Tensor& grad_out_t,
-    T* columns, T* grad_columns, int64_t rows, at::Tensor& grad_weight_kc) {
-  const int64_t cout_g = g.out_channels / g.groups, width = g.kernel_points() * g.channels_per_group();
-  const int64_t weight_blocks = (width + kGemmWeightBlock - 1) / kGemmWeightBlock;
-  const int64_t column_blocks = (rows + kGemmPositionBlock - 1) / kGemmPositionBlock;
-  const int64_t per_group = weight_blocks + column_blocks;
-  const auto options = weight_kc.options();
-  at::parallel_for(0, g.groups * per_group, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t grp = task / per_group, block = task % per_group;
-      if (block < weight_blocks) {
-        const int64_t c0 = block * kGemmWeightBlock, n = std::min(kGemmWeightBlock, width - c0);
-        grad_weight_kc.select(0, grp)
-            .narrow(1, c0, n)
-            .addmm_(grad_out.narrow(0, grp * cout_g, cout_g), group_columns(columns, rows, g, grp, options).narrow(1, c0, n));
-      } else {
-        const int64_t r0 = (block - weight_blocks) * kGemmPositionBlock;
-        const int64_t n = std::min(kGemmPositionBlock, rows - r0);
-        at::Tensor out = group_columns(grad_columns, rows, g, grp, options).narrow(0, r0, n);
-        at::mm_out(out, grad_out_t.narrow(0, r0, n).narrow(1, grp * cout_g, cout_g), weight_kc.select(0, grp));
-      }
-    }
-  });
-}
-
-// grad_x (channels-last) += grad_columns * mask * tap weight, for channels
-// [c_begin, c_end) of every row; callers split the channels between threads.
-template <typename T>
-void scatter_columns(
-    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_columns, const T* mask,
+void scatter_patches(
+    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* mask,
     const Taps<T>* taps, int64_t row0, int64_t rows, T* grad_x_nhwc) {
   const int64_t kk = g.kernel_points(), C = g.channels;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
     T* gx = grad_x_nhwc + (row / g.positions()) * g.plane() * C;
-    const T* gcol_row = grad_columns + r * g.row_length();
     for (const ChannelRun& run : runs) {
       for (int64_t k = 0; k < kk; ++k) {
         const Taps<T>& t = taps[(r * g.offset_groups + run.offset_group) * kk + k];
         const T m = modulation(g, mask, row, run.offset_group, k);
-        const T* src = gcol_row + column_index(g, run, k, run.begin) - run.begin;
+        const T* src = grad_patches + patch_offset(g, r, k);
         for (int i = 0; i < 4; ++i) {
           if (t.weight[i] == T(0)) {
             continue;
@@ -318,29 +281,30 @@ void scatter_columns(
   }
 }
 
-// Offset and mask gradients of rows [row0, row0 + rows): per sampling point,
-// sums over the channels of its offset group of grad_columns times the
-// derivatives of the bilinear sample (times the mask) / the sample itself.
+// Offset and mask gradients of rows [r_begin, r_end) of a block: per
+// sampling point, sums over the channels of its offset group of
+// grad_patches times the derivatives of the bilinear sample (times the mask)
+// / the sample itself.
 template <typename T>
 void offset_and_mask_grads(
-    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_columns, const T* x_nhwc,
-    const T* mask, const Taps<T>* taps, int64_t row0, int64_t rows, T* grad_offset, T* grad_mask) {
+    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* x_nhwc,
+    const T* mask, const Taps<T>* taps, int64_t row0, int64_t r_begin, int64_t r_end, T* grad_offset,
+    T* grad_mask) {
   const int64_t kk = g.kernel_points(), C = g.channels, P = g.positions();
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t row = row0 + r, b = row / P, p = row % P;
     const T* x = x_nhwc + b * g.plane() * C;
-    const T* gcol_row = grad_columns + r * g.row_length();
     for (int64_t og = 0; og < g.offset_groups; ++og) {
       for (int64_t k = 0; k < kk; ++k) {
         const Taps<T>& t = taps[(r * g.offset_groups + og) * kk + k];
         int which[4];
         const int n = active_taps(t, which);
+        const T* src = grad_patches + patch_offset(g, r, k);
         T acc_y = 0, acc_x = 0, acc_m = 0;
         for (const ChannelRun& run : runs) {
           if (run.offset_group != og) {
             continue;
           }
-          const T* src = gcol_row + column_index(g, run, k, run.begin) - run.begin;
           for (int a = 0; a < n; ++a) {
             const int i = which[a];
             const T* xi = x + int64_t(t.index[i]) * C;
@@ -396,50 +360,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     return {at::zeros_like(input), at::zeros_like(weight), grad_offset, grad_mask, grad_bias};
   }
   const at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
-  const at::Tensor weight_kc = weight_in_column_order(weight, g);
+  const at::Tensor weight_c = weight.contiguous(at::MemoryFormat::ChannelsLast);  // as in the forward
   at::Tensor grad_x_nhwc = at::zeros_like(x_nhwc);
-  at::Tensor grad_weight_kc = at::zeros_like(weight_kc);
-  const int64_t P = g.positions();
-  const int64_t chunk = images_per_chunk(g, input.element_size());
+  at::Tensor grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  const int64_t P = g.positions(), kk = g.kernel_points();
+  const int64_t tile = tile_rows(g, input.element_size(), kBackwardTileBytes);
+  const int64_t tiles_per_image = (g.out_h + tile - 1) / tile;
   const auto runs = channel_runs(g, 0, g.channels);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
     using T = scalar_t;
     const T* mask_ptr = mask.defined() ? mask.data_ptr<T>() : nullptr;
     const T* x = x_nhwc.data_ptr<T>();
-    std::vector<Taps<T>> taps(chunk * P * g.offset_groups * g.kernel_points());
-    std::vector<T> columns(chunk * P * g.row_length()), grad_columns(columns.size());
-    for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
-      const int64_t n = std::min(chunk, g.batch - b0), rows = n * P, row0 = b0 * P;
+    std::vector<Taps<T>> taps(tile * g.out_w * g.offset_groups * kk);
+    std::vector<T> patches(tile * g.out_w * g.row_length());
+    // Tile by tile, in order (the weight gradient sums the tiles' in a fixed
+    // order), each tile's work split between the threads.
+    for (int64_t t = 0; t < g.batch * tiles_per_image; ++t) {
+      const int64_t b = t / tiles_per_image, i0 = (t % tiles_per_image) * tile;
+      const int64_t out_rows = std::min(tile, g.out_h - i0), rows = out_rows * g.out_w, row0 = b * P + i0 * g.out_w;
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        sampling_taps(g, offset.data_ptr<T>(), row0 + begin, end - begin,
-                      taps.data() + begin * g.offset_groups * g.kernel_points());
-        gather_columns(g, runs, x, mask_ptr, taps.data() + begin * g.offset_groups * g.kernel_points(),
-                       row0 + begin, end - begin, columns.data() + begin * g.row_length());
+        sampling_taps(g, offset.data_ptr<T>(), row0 + begin, end - begin, taps.data() + begin * g.offset_groups * kk);
+        gather_patches(g, runs, x, mask_ptr, taps.data(), row0, begin, end, patches.data());
       });
-      // [n, C_out, P] -> [C_out, n * P] and [n * P, C_out]: the GEMMs' layouts.
-      const at::Tensor grad_chunk = grad.narrow(0, b0, n).view({n, g.out_channels, P});
-      const at::Tensor grad_out = grad_chunk.transpose(0, 1).reshape({g.out_channels, rows});
-      const at::Tensor grad_out_t = grad_chunk.transpose(1, 2).reshape({rows, g.out_channels});
-      backward_gemms(g, weight_kc, grad_out, grad_out_t, columns.data(), grad_columns.data(), rows, grad_weight_kc);
+      // The patch conv's backward: the weight gradient and the gradient of
+      // every sample (a channels-last patch image, like the patches).
+      const at::Tensor image = patch_image(patches.data(), g, 1, out_rows, input.options());
+      const int64_t stride[2] = {g.kernel_h, g.kernel_w}, zeros[2] = {0, 0}, ones[2] = {1, 1};
+      auto grads = at::convolution_backward(
+          grad.narrow(0, b, 1).narrow(2, i0, out_rows), image, weight_c, std::nullopt, stride, zeros, ones, false,
+          zeros, g.groups, {true, true, false});
+      grad_weight.add_(std::get<1>(grads));
+      const at::Tensor grad_image = std::get<0>(grads).contiguous(at::MemoryFormat::ChannelsLast);
+      const T* grad_patches = grad_image.data_ptr<T>();
       // Input gradient by channel ranges: no two threads touch one element.
       at::parallel_for(0, g.channels, 16, [&](int64_t begin, int64_t end) {
-        scatter_columns(g, channel_runs(g, begin, end), grad_columns.data(), mask_ptr, taps.data(), row0, rows,
+        scatter_patches(g, channel_runs(g, begin, end), grad_patches, mask_ptr, taps.data(), row0, rows,
                         grad_x_nhwc.data_ptr<T>());
       });
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        offset_and_mask_grads(g, runs, grad_columns.data() + begin * g.row_length(), x, mask_ptr,
-                              taps.data() + begin * g.offset_groups * g.kernel_points(), row0 + begin, end - begin,
+        offset_and_mask_grads(g, runs, grad_patches, x, mask_ptr, taps.data(), row0, begin, end,
                               grad_offset.data_ptr<T>(), mask.defined() ? grad_mask.data_ptr<T>() : nullptr);
       });
     }
   });
   at::Tensor grad_input = grad_x_nhwc.permute({0, 3, 1, 2}).contiguous();
-  at::Tensor grad_weight = grad_weight_kc
-                               .view({g.groups, g.out_channels / g.groups, g.kernel_points(), g.channels_per_group()})
-                               .permute({0, 1, 3, 2})
-                               .contiguous()
-                               .view(weight.sizes());
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 
