@@ -4,8 +4,8 @@
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 DEMO_OUT ?= output/demo
-# One torch thread per demo run: measured robust on a shared 2-core machine.
-DEMO_THREADS ?= 1
+# Extra tools/demo.py arguments, e.g. DEMO_ARGS="--seed 0 1 2" or "--jobs 1".
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
@@ -31,7 +31,7 @@ test: ext
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 demo: ext
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) tools/demo.py --output $(DEMO_OUT)
+	$(PYTHON) tools/demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
 
 # The benchmark's peers (ONNX Runtime) are not dependencies of the plugin.
 bench: ext

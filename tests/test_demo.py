@@ -11,7 +11,9 @@ import dcnv2_plugin  # noqa: F401  (registers the models)
 from dcnv2_plugin.demo import DEMO_MODELS
 from dcnv2_plugin.demo.models import load_config
 from dcnv2_plugin.demo.pipeline import schedule_opts
-from dcnv2_plugin.demo.report import markdown_table
+from dcnv2_plugin.demo.report import Run, markdown_table
+from dcnv2_plugin.demo.scheduler import run_all
+from dcnv2_plugin.demo.training import RunSpec
 from detectron2.modeling import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +75,26 @@ def test_the_demo_models_have_the_ablations_modules():
 
 def test_iters_override_keeps_the_schedule_in_proportion():
     base = load_config(CONFIG_DIR / "Base-Demo.yaml").SOLVER
-    assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (400, (320,), 100)
+    assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (1000, (800,), 100)
     assert schedule_opts(CONFIG_DIR / "dcnv2.yaml", 20) == [
-        "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.WARMUP_ITERS", "5",
+        "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.WARMUP_ITERS", "2",
     ]  # fmt: skip
+
+
+def test_the_shared_start_is_the_regular_model_with_its_own_schedule():
+    regular = flatten(load_config(CONFIG_DIR / "regular.yaml"))
+    start = flatten(load_config(CONFIG_DIR / "start.yaml"))
+    assert {key for key in regular if regular[key] != start[key]} == {
+        "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS",
+    }  # fmt: skip
+
+
+def test_a_failed_run_stops_the_demo_with_the_end_of_its_log(tmp_path, capsys):
+    run = Run(DEMO_MODELS["regular"], 0, tmp_path / "run")
+    spec = RunSpec(CONFIG_DIR / "regular.yaml", run.output_dir, ("MODEL.NO_SUCH_KEY", "1"), True, ROOT / "train_net.py")
+    with pytest.raises(RuntimeError, match="training regular.yaml failed"):
+        run_all([("regular", run, spec)], jobs=2, iters=4, progress_seconds=60)
+    assert "NO_SUCH_KEY" in capsys.readouterr().err
 
 
 def test_table_shows_mean_and_half_range_across_seeds():
@@ -108,19 +126,21 @@ def assert_png(path: Path):
         assert image.format == "PNG" and min(image.size) > 100
 
 
-def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeypatch):
+def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeypatch, capsys):
     # The quick splits are generated under the test's own folder.
     monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
     output = tmp_path / "demo"
     models = ["regular", "dcnv2"]
-    returned = load_demo_tool().main(["--output", str(output), "--quick", "--models", *models])
+    returned = load_demo_tool().main(["--output", str(output), "--quick", "--models", *models, "--jobs", "2"])
 
     written = json.loads((output / "results.json").read_text())
     assert written == returned
-    assert written["iterations"] == 4 and written["seeds"] == [0]
+    assert written["iterations"] == 4 and written["start_iterations"] == 4 and written["seeds"] == [0]
+    assert written["runs_at_once"] == 2
     assert [model["name"] for model in written["models"]] == models
     measured = [f"{task}_{metric}" for task in ("box", "mask") for metric in ("AP", "AP50", "AP75")]
     measured += ["parameters", "train_seconds_per_iter", "inference_seconds_per_image"]
+    assert set(written["start"]) == {"seed", *measured}
     for model in written["models"]:
         (run,) = model["runs"]
         assert set(run) == {"seed", *measured}
@@ -130,10 +150,15 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
         assert run["train_seconds_per_iter"] > 0 and run["inference_seconds_per_image"] > 0
     regular, dcnv2 = written["models"]
     assert dcnv2["parameters"]["mean"] > regular["parameters"]["mean"]  # offset convs and pooling branch
+    # Both models were initialized from the shared start.
+    start_weights = str(output / "runs" / "start" / "model_final.pth")
+    for name in models:
+        assert load_config(output / "runs" / f"{name}_seed0" / "config.yaml").MODEL.WEIGHTS == start_weights
 
     table = (output / "results.md").read_text().splitlines()
     assert table[0].startswith("| model | box AP | box AP50 | box AP75 | mask AP |")
-    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {DEMO_MODELS[name].title}" for name in models]
+    assert [line.split(" | ")[0] for line in table[2:4]] == [f"| {DEMO_MODELS[name].title}" for name in models]
+    assert table[-1].startswith("Every model starts from the shared start, the regular detector after 4 iterations")
 
     assert_png(output / "losses.png")
     # Two validation images, two pictures each.
@@ -142,3 +167,10 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
         assert len(pictures) == 2
         for picture in pictures:
             assert_png(picture)
+
+    # A second demo in the same folder reuses the shared start.
+    start_mtime = Path(start_weights).stat().st_mtime_ns
+    capsys.readouterr()
+    load_demo_tool().main(["--output", str(output), "--quick", "--models", "regular"])
+    assert "reusing the shared start" in capsys.readouterr().out
+    assert Path(start_weights).stat().st_mtime_ns == start_mtime

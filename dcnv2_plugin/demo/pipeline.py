@@ -1,7 +1,18 @@
-"""The demo end to end: prepare the data, train and evaluate each model in a
-process of its own, then write the table, the loss plot and the pictures."""
-import multiprocessing
+"""The demo end to end, in the paper's two steps:
+
+1. The shared start. DCNv2 adds its deformable layers to a pretrained
+   network (ImageNet weights) and fine-tunes; the demo has no pretrained
+   weights, so it first trains the regular detector on the embedded dataset.
+   Trained once, then reused while its config and data stay the same.
+2. Every compared model starts from it (deformable layers at zero offsets,
+   that is, as regular layers) and trains further; several models train side
+   by side, each in a process of its own.
+
+Then the table, the loss plot and the pictures.
+"""
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .datasets import DemoDatasets, register_demo_datasets
-from .models import DEMO_MODELS, load_config
-from .report import Run, markdown_table, plot_losses, summarize, write_report
-from .training import RunSpec, train_and_evaluate
+from .models import DEMO_MODELS, DemoModel, load_config
+from .report import Run, markdown_table, plot_losses, run_measurements, summarize, write_report
+from .scheduler import log, minutes, run_all
+from .training import RunSpec
 
 # The quick demo checks that the pipeline runs, not what it measures.
 QUICK_ITERS = 4  # detectron2 times iterations from the third on
 QUICK_IMAGES_PER_BATCH = 2
 PICTURE_MODEL = "dcnv2"
 PICTURE_IMAGES = 2
+START = DemoModel("start", "shared start (regular)")
+START_CONFIG = "start.yaml"
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,15 @@ class DemoOptions:
     output: Path
     models: Sequence[str] = tuple(DEMO_MODELS)
     seeds: Sequence[int] = (0,)
-    iters: Optional[int] = None  # default: the configs' SOLVER.MAX_ITER (QUICK_ITERS when quick)
+    iters: Optional[int] = None  # per compared model; default: Base-Demo.yaml's (QUICK_ITERS when quick)
+    start_iters: Optional[int] = None  # of the shared start; default: start.yaml's (QUICK_ITERS when quick)
     quick: bool = False
+    jobs: int = 1  # runs trained side by side (see scheduler.default_jobs)
+    progress_seconds: float = 30.0
+
+    def __post_init__(self):
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
 
 
 @dataclass(frozen=True)
@@ -40,14 +60,6 @@ class DemoPaths:
     config_dir: Path  # configs/demo
     train_net: Path
     visualize: Path  # tools/visualize.py
-
-
-def _log(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
-
-
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
 def schedule_opts(config_file: Path, iters: int) -> List[str]:
@@ -78,22 +90,48 @@ def quick_opts(datasets: DemoDatasets) -> List[str]:
 def _prepare_datasets(datasets: DemoDatasets) -> List[Dict]:
     """Generates the splits here, once, rather than inside the first model's
     run; returns the validation records."""
-    _log(f"preparing the datasets {datasets.train} and {datasets.val} (generated on first use, then cached)")
+    log(f"preparing the datasets {datasets.train} and {datasets.val} (generated on first use, then cached)")
     DatasetCatalog.get(datasets.train)
     return DatasetCatalog.get(datasets.val)
 
 
-def _run_in_subprocess(run: RunSpec) -> None:
-    # A fresh process per model: no state (registries, RNGs, threads, memory)
-    # leaks from one model's training into the next one's measurements.
-    process = multiprocessing.get_context("spawn").Process(target=train_and_evaluate, args=(run,))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(
-            f"training {run.config_file.name} failed (exit code {process.exitcode}); "
-            f"see the traceback above and {run.output_dir / 'log.txt'}"
-        )
+def _iterations(requested: Optional[int], quick: bool, config_file: Path) -> int:
+    if requested:
+        return requested
+    return QUICK_ITERS if quick else load_config(config_file).SOLVER.MAX_ITER
+
+
+def start_key(config_file: Path, opts: Sequence[str], datasets: DemoDatasets) -> str:
+    """What decides the shared start's weights: its full config and the files
+    of its datasets (whose paths carry the generator's fingerprint)."""
+    cfg = load_config(config_file)
+    cfg.merge_from_list(list(opts))
+    files = [MetadataCatalog.get(name).get("json_file") for name in (datasets.train, datasets.val)]
+    return hashlib.sha256((cfg.dump() + "\n".join(files)).encode()).hexdigest()
+
+
+def _train_start(options: DemoOptions, paths: DemoPaths, datasets: DemoDatasets, output: Path) -> Tuple[Run, int]:
+    """Trains the shared start, or reuses the one a previous demo trained with
+    the same config and data; returns it and its iterations."""
+    config_file = paths.config_dir / START_CONFIG
+    iters = _iterations(options.start_iters, options.quick, config_file)
+    run = Run(START, 0, output / "runs" / "start")
+    opts = ["SEED", "0", "OUTPUT_DIR", str(run.output_dir)] + schedule_opts(config_file, iters)
+    opts += quick_opts(datasets) if options.quick else []
+    key = start_key(config_file, opts, datasets)
+    key_file = run.output_dir / "start.key"
+    if (run.output_dir / "model_final.pth").is_file() and key_file.is_file() and key_file.read_text() == key:
+        log(f"step 1/2: reusing the shared start in {run.output_dir}, trained by an earlier demo with the same "
+            "config and data (delete that folder to train it again)")
+        return run, iters
+    shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
+    threads = os.cpu_count() or 1  # nothing else runs meanwhile
+    spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net, threads)
+    log(f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
+        f"with {threads} torch thread(s)")
+    run_all([(START.title, run, spec)], 1, iters, options.progress_seconds)
+    key_file.write_text(key)
+    return run, iters
 
 
 def _object_centers(record: Dict) -> List[Tuple[float, float]]:
@@ -103,11 +141,10 @@ def _object_centers(record: Dict) -> List[Tuple[float, float]]:
 
 
 def _draw_pictures(paths: DemoPaths, run: Run, val_records: Sequence[Dict], output: Path) -> None:
-    """tools/visualize.py on a few validation images, with the units at the
-    objects' annotated centers: after a few minutes of training the detector's
-    scores are low, and the sampling around the objects is what to look at."""
+    """tools/visualize.py on a few validation images: the units at the
+    objects' annotated centers, and the RoI bins of the detections."""
     records = val_records[:PICTURE_IMAGES]
-    _log(f"drawing the sampling locations of {run.model.title} on {len(records)} validation images")
+    log(f"drawing the sampling locations of {run.model.title} on {len(records)} validation images")
     for record in records:
         units = [value for x, y in _object_centers(record) for value in ("--unit", f"{x:g}", f"{y:g}")]
         subprocess.run(
@@ -121,15 +158,6 @@ def _draw_pictures(paths: DemoPaths, run: Run, val_records: Sequence[Dict], outp
         )  # fmt: skip
 
 
-def _iterations(options: DemoOptions, config_dir: Path) -> int:
-    if options.iters:
-        return options.iters
-    if options.quick:
-        return QUICK_ITERS
-    # Every demo config inherits its schedule from Base-Demo.yaml.
-    return load_config(config_dir / "Base-Demo.yaml").SOLVER.MAX_ITER
-
-
 def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     """Runs the demo; returns what results.json holds."""
     unknown = [name for name in options.models if name not in DEMO_MODELS]
@@ -141,20 +169,27 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     output.mkdir(parents=True, exist_ok=True)
     datasets = register_demo_datasets(options.quick)
     val_records = _prepare_datasets(datasets)
-    iters = _iterations(options, paths.config_dir)
-    runs = []
-    jobs = [(DEMO_MODELS[name], seed) for name in options.models for seed in options.seeds]
-    for index, (model, seed) in enumerate(jobs, start=1):
-        config_file = paths.config_dir / f"{model.name}.yaml"
-        run = Run(model, seed, output / "runs" / f"{model.name}_seed{seed}")
-        opts = ["SEED", str(seed), "OUTPUT_DIR", str(run.output_dir)]
-        opts += schedule_opts(config_file, iters)
-        opts += quick_opts(datasets) if options.quick else []
-        _log(f"({index}/{len(jobs)}) {model.title}, seed {seed}: training and evaluating in {run.output_dir}")
-        run_start = time.perf_counter()
-        _run_in_subprocess(RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net))
-        _log(f"({index}/{len(jobs)}) {model.title}, seed {seed}: done in {_minutes(time.perf_counter() - run_start)}")
-        runs.append(run)
+    start_run, start_iters = _train_start(options, paths, datasets, output)
+
+    iters = _iterations(options.iters, options.quick, paths.config_dir / "Base-Demo.yaml")
+    runs, queue = [], []
+    threads = max(1, (os.cpu_count() or 1) // options.jobs)
+    for model in (DEMO_MODELS[name] for name in options.models):
+        for seed in options.seeds:
+            config_file = paths.config_dir / f"{model.name}.yaml"
+            run = Run(model, seed, output / "runs" / f"{model.name}_seed{seed}")
+            opts = ["SEED", str(seed), "OUTPUT_DIR", str(run.output_dir),
+                    "MODEL.WEIGHTS", str(start_run.output_dir / "model_final.pth")]  # fmt: skip
+            opts += schedule_opts(config_file, iters)
+            opts += quick_opts(datasets) if options.quick else []
+            spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net, threads)
+            runs.append(run)
+            queue.append((f"{model.title}, seed {seed}", run, spec))
+    # The longest runs first: side by side, the last ones then end together.
+    queue.sort(key=lambda item: -item[1].model.relative_cost)
+    log(f"step 2/2: training {len(queue)} runs of {iters} iterations from the shared start, {options.jobs} at a "
+        f"time with {threads} torch thread(s) each; progress every {options.progress_seconds:g} s")
+    run_all(queue, options.jobs, iters, options.progress_seconds)
 
     summary = summarize(runs)
     plot_losses(runs, output / "losses.png")
@@ -162,20 +197,23 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     if picture_runs:
         _draw_pictures(paths, picture_runs[0], val_records, output / "pictures")
     else:
-        _log(f"no pictures: the sampling locations are drawn for the {PICTURE_MODEL} model, which was not trained")
+        log(f"no pictures: the sampling locations are drawn for the {PICTURE_MODEL} model, which was not trained")
 
     wall_seconds = time.perf_counter() - start
     details = {
         "train_dataset": datasets.train,
         "test_dataset": datasets.val,
         "seeds": list(options.seeds),
+        "start_iterations": start_iters,
+        "start": run_measurements(start_run),
         "iterations": iters,
-        "torch_threads": torch.get_num_threads(),
+        "runs_at_once": options.jobs,
+        "torch_threads_per_run": threads,
         "load_average_at_start": [round(load, 2) for load in load_at_start],
         "wall_seconds": round(wall_seconds, 1),
     }
     report_paths = write_report(summary, details, output)
-    print("\n" + markdown_table(summary))
-    _log(f"finished in {_minutes(wall_seconds)}; outputs in {output}: {report_paths['markdown'].name}, "
-         f"{report_paths['json'].name}, losses.png" + (", pictures/" if picture_runs else ""))
+    print("\n" + report_paths["markdown"].read_text())
+    log(f"finished in {minutes(wall_seconds)}; outputs in {output}: {report_paths['markdown'].name}, "
+        f"{report_paths['json'].name}, losses.png" + (", pictures/" if picture_runs else ""))
     return {**details, "models": summary}

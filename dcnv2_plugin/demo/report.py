@@ -165,9 +165,19 @@ def plot_losses(runs: Sequence[Run], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def start_note(details: Dict) -> str:
+    """The sentence under the table on where every model started."""
+    start = details["start"]
+    aps = ", ".join(f"{label} AP {start[f'{label}_AP']:.1f}" for label in TASKS.values()
+                    if start.get(f"{label}_AP") is not None)
+    return (f"Every model starts from the shared start, the regular detector after {details['start_iterations']} "
+            f"iterations ({aps or 'no AP'}), and trains {details['iterations']} iterations more; "
+            f"{details['runs_at_once']} run(s) at a time, {details['torch_threads_per_run']} torch thread(s) each.\n")
+
+
 def write_report(summary: Sequence[Dict], details: Dict, output: Path) -> Dict[str, Path]:
     """Writes results.md and results.json into `output`; returns their paths."""
     paths = {"markdown": output / "results.md", "json": output / "results.json"}
-    paths["markdown"].write_text(markdown_table(summary))
+    paths["markdown"].write_text(markdown_table(summary) + "\n" + start_note(details))
     paths["json"].write_text(json.dumps({**details, "models": list(summary)}, indent=2, allow_nan=False))
     return paths

@@ -3,11 +3,14 @@ trains with train_net.py's Trainer, which then evaluates with its
 COCOEvaluator; the demo also times the model's forward pass on each test
 image."""
 import importlib.util
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
 
+import torch
 from torch import nn
 
 from detectron2.engine import default_argument_parser
@@ -22,6 +25,7 @@ class RunSpec:
     opts: Tuple[str, ...]  # KEY VALUE config overrides, after the config file
     quick: bool  # which datasets the opts name (see datasets.py)
     train_net: Path  # the project's train_net.py
+    threads: int = 1  # torch threads of this run
 
 
 class InferenceTimer(nn.Module):
@@ -70,6 +74,7 @@ def _timed_trainer_class(trainer_class):
 def train_and_evaluate(run: RunSpec) -> None:
     """Trains and evaluates one model. The evaluation results, the inference
     time among them, land in the run's metrics.json with the losses."""
+    torch.set_num_threads(run.threads)
     register_demo_datasets(run.quick)
     train_net = load_train_net(run.train_net)
     args = default_argument_parser().parse_args(["--config-file", str(run.config_file), *run.opts])
@@ -77,3 +82,16 @@ def train_and_evaluate(run: RunSpec) -> None:
     trainer = _timed_trainer_class(train_net.Trainer)(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
+
+
+def train_and_evaluate_logged(run: RunSpec, console_log: Path) -> None:
+    """train_and_evaluate with everything the process prints (Python and
+    native code alike) going to `console_log`: runs side by side would
+    otherwise interleave their logs on the terminal."""
+    console_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(console_log, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        train_and_evaluate(run)
