@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "ops/deform_conv2d_geometry.h"
@@ -47,6 +48,18 @@ constexpr int64_t kTileWeightRatio = 2;
 // between the threads (and still under the allocator's mmap threshold, so
 // that the buffers are reused rather than mapped afresh on every call).
 constexpr int64_t kBackwardTileBytes = int64_t(16) << 20;
+
+// Scratch memory that every use writes before reading: left uninitialized
+// (a std::vector would zero megabytes per tile for nothing).
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(int64_t size) : data_(new T[size]) {}
+  T* data() { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
 
 // A run of channels [begin, end) within one offset group: the unit of the
 // contiguous inner loops.
@@ -179,8 +192,8 @@ void gather_patches(
 template <typename T>
 void forward_tile(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* offset, const T* mask,
-    const at::Tensor& weight, int64_t b, int64_t i0, int64_t out_rows, std::vector<Taps<T>>& taps,
-    std::vector<T>& patches, at::Tensor& output) {
+    const at::Tensor& weight, int64_t b, int64_t i0, int64_t out_rows, Buffer<Taps<T>>& taps, Buffer<T>& patches,
+    at::Tensor& output) {
   const int64_t row0 = b * g.positions() + i0 * g.out_w, rows = out_rows * g.out_w;
   sampling_taps(g, offset, row0, rows, taps.data());
   gather_patches(g, runs, x_nhwc, mask, taps.data(), row0, 0, rows, patches.data());
@@ -233,8 +246,8 @@ at::Tensor deform_conv2d_forward_kernel(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
     const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Taps<scalar_t>> taps(tile * g.out_w * g.offset_groups * g.kernel_points());
-      std::vector<scalar_t> patches(tile * g.out_w * g.row_length());
+      Buffer<Taps<scalar_t>> taps(tile * g.out_w * g.offset_groups * g.kernel_points());
+      Buffer<scalar_t> patches(tile * g.out_w * g.row_length());
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / tiles_per_image, i0 = (t % tiles_per_image) * tile;
         forward_tile<scalar_t>(
@@ -372,8 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     using T = scalar_t;
     const T* mask_ptr = mask.defined() ? mask.data_ptr<T>() : nullptr;
     const T* x = x_nhwc.data_ptr<T>();
-    std::vector<Taps<T>> taps(tile * g.out_w * g.offset_groups * kk);
-    std::vector<T> patches(tile * g.out_w * g.row_length());
+    Buffer<Taps<T>> taps(tile * g.out_w * g.offset_groups * kk);
+    Buffer<T> patches(tile * g.out_w * g.row_length());
     // Tile by tile, in order (the weight gradient sums the tiles' in a fixed
     // order), each tile's work split between the threads.
     for (int64_t t = 0; t < g.batch * tiles_per_image; ++t) {
