@@ -35,7 +35,7 @@ demo: ext
 
 # The benchmark's peers (ONNX Runtime) are not dependencies of the plugin.
 bench: ext
-	$(PYTHON) -m pip install -q "onnx==1.16.2" "onnxruntime==1.32.0"
+	$(PYTHON) -m pip install -q -r benchmarks/requirements.txt
 	$(PYTHON) benchmarks/bench_ops.py
 
 # Compile (not run) the CUDA kernels for one architecture, into a scratch

@@ -20,6 +20,13 @@ def _use_cuda():
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def _benchmark_requirements():
+    """The benchmark's peers, pinned in benchmarks/requirements.txt."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "requirements.txt")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
 def get_extensions():
     # setuptools wants paths relative to this file.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
@@ -53,6 +60,5 @@ setup(
     python_requires=">=3.10",
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    # Benchmark peers only; onnx 1.16 is the last that does not need NumPy 2.
-    extras_require={"bench": ["onnx==1.16.2", "onnxruntime==1.32.0"]},
+    extras_require={"bench": _benchmark_requirements()},
 )

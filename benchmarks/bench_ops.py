@@ -7,7 +7,7 @@ thread count; every ratio is ours / peer (below 1 = ours faster). Sections:
           detection batch: ours vs torchvision.ops.deform_conv2d vs dense
           conv2d, forward and forward+backward; ONNX Runtime's DeformConv
           (forward only) when `onnxruntime` and `onnx` are installed
-          (`pip install -e .[bench]`).
+          (`pip install -r benchmarks/requirements.txt`).
   pool    modulated deformable RoI pooling vs torchvision.ops.roi_align
           (aligned=True), forward and forward+backward, 512 RoIs per image.
   memory  peak extra memory of our deformable conv (forward+backward)

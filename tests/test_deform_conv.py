@@ -145,9 +145,8 @@ def test_results_do_not_depend_on_thread_count():
             assert torch.equal(a, b)
 
 
-# Shapes at which the dense patch conv runs on the CPU's fast conv library
-# (oneDNN) rather than a reference path: one tile, several tiles per image,
-# several images per backward chunk.
+# Detection widths (64-256 channels) rather than the tiny shapes above: one
+# tile per image, several tiles per image, several images.
 @pytest.mark.parametrize("shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17)])
 def test_results_at_detection_widths_do_not_depend_on_thread_count(shape):
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include "ops/shape_checks.h"
+
 namespace dcnv2 {
 namespace ops {
 
@@ -73,17 +75,9 @@ inline ConvGeometry check_and_make_geometry(
       " channels and groups=", groups);
   TORCH_CHECK(g.out_channels % groups == 0, "deform_conv2d: out_channels must be divisible by groups");
   TORCH_CHECK(g.channels % offset_groups == 0, "deform_conv2d: in_channels must be divisible by offset_groups");
-  TORCH_CHECK(
-      offset.size(0) == g.batch && offset.size(1) == 2 * offset_groups * g.kernel_points() &&
-          offset.size(2) == g.out_h && offset.size(3) == g.out_w,
-      "deform_conv2d: offset has shape ", offset.sizes(), ", expected [", g.batch, ", ",
-      2 * offset_groups * g.kernel_points(), ", ", g.out_h, ", ", g.out_w, "]");
+  check_shape(offset, {g.batch, 2 * offset_groups * g.kernel_points(), g.out_h, g.out_w}, "deform_conv2d: offset");
   if (mask.has_value()) {
-    TORCH_CHECK(
-        mask->dim() == 4 && mask->size(0) == g.batch && mask->size(1) == offset_groups * g.kernel_points() &&
-            mask->size(2) == g.out_h && mask->size(3) == g.out_w,
-        "deform_conv2d: mask has shape ", mask->sizes(), ", expected [", g.batch, ", ",
-        offset_groups * g.kernel_points(), ", ", g.out_h, ", ", g.out_w, "]");
+    check_shape(*mask, {g.batch, offset_groups * g.kernel_points(), g.out_h, g.out_w}, "deform_conv2d: mask");
   }
   // Tap indices are int32 within one channel plane.
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 31), "deform_conv2d: input plane too large");
@@ -92,11 +86,7 @@ inline ConvGeometry check_and_make_geometry(
 
 // The backward's incoming gradient must have the output's shape.
 inline void check_output_grad(const at::Tensor& grad, const ConvGeometry& g) {
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.out_channels && grad.size(2) == g.out_h &&
-          grad.size(3) == g.out_w,
-      "deform_conv2d backward: grad has shape ", grad.sizes(), ", expected the output's [", g.batch, ", ",
-      g.out_channels, ", ", g.out_h, ", ", g.out_w, "]");
+  check_shape(grad, {g.batch, g.out_channels, g.out_h, g.out_w}, "deform_conv2d backward: grad");
 }
 
 }  // namespace ops

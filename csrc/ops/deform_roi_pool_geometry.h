@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include "ops/shape_checks.h"
+
 namespace dcnv2 {
 namespace ops {
 
@@ -48,18 +50,10 @@ inline PoolGeometry check_and_make_geometry(
   g.sampling_ratio = sampling_ratio;
   g.gamma = gamma;
   if (offset.has_value()) {
-    TORCH_CHECK(
-        offset->dim() == 4 && offset->size(0) == g.num_rois && offset->size(1) == 2 &&
-            offset->size(2) == pooled_height && offset->size(3) == pooled_width,
-        "deform_roi_pool: offset has shape ", offset->sizes(), ", expected [", g.num_rois, ", 2, ", pooled_height,
-        ", ", pooled_width, "]");
+    check_shape(*offset, {g.num_rois, 2, pooled_height, pooled_width}, "deform_roi_pool: offset");
   }
   if (mask.has_value()) {
-    TORCH_CHECK(
-        mask->dim() == 4 && mask->size(0) == g.num_rois && mask->size(1) == 1 && mask->size(2) == pooled_height &&
-            mask->size(3) == pooled_width,
-        "deform_roi_pool: mask has shape ", mask->sizes(), ", expected [", g.num_rois, ", 1, ", pooled_height, ", ",
-        pooled_width, "]");
+    check_shape(*mask, {g.num_rois, 1, pooled_height, pooled_width}, "deform_roi_pool: mask");
   }
   TORCH_CHECK(g.height * g.width < (int64_t(1) << 31), "deform_roi_pool: input plane too large");
   return g;
@@ -67,11 +61,7 @@ inline PoolGeometry check_and_make_geometry(
 
 // The backward's incoming gradient must have the output's shape.
 inline void check_output_grad(const at::Tensor& grad, const PoolGeometry& g) {
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(0) == g.num_rois && grad.size(1) == g.channels && grad.size(2) == g.pooled_h &&
-          grad.size(3) == g.pooled_w,
-      "deform_roi_pool backward: grad has shape ", grad.sizes(), ", expected the output's [", g.num_rois, ", ",
-      g.channels, ", ", g.pooled_h, ", ", g.pooled_w, "]");
+  check_shape(grad, {g.num_rois, g.channels, g.pooled_h, g.pooled_w}, "deform_roi_pool backward: grad");
 }
 
 }  // namespace ops

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .datasets import DemoDatasets, register_demo_datasets
 from .models import DEMO_MODELS, DemoModel, load_config
 from .report import Run, markdown_table, plot_losses, run_measurements, summarize, write_report
-from .scheduler import log, minutes, run_all
+from .scheduler import default_jobs, log, minutes, run_all
 from .training import RunSpec
 
 # The quick demo checks that the pipeline runs, not what it measures.
@@ -45,7 +45,7 @@ class DemoOptions:
     iters: Optional[int] = None  # per compared model; default: Base-Demo.yaml's (QUICK_ITERS when quick)
     start_iters: Optional[int] = None  # of the shared start; default: start.yaml's (QUICK_ITERS when quick)
     quick: bool = False
-    jobs: int = 1  # runs trained side by side (see scheduler.default_jobs)
+    jobs: int = field(default_factory=default_jobs)  # runs trained side by side
     progress_seconds: float = 30.0
 
     def __post_init__(self):
