@@ -145,9 +145,10 @@ def test_results_do_not_depend_on_thread_count():
             assert torch.equal(a, b)
 
 
-# Detection widths (64-256 channels) rather than the tiny shapes above: one
-# tile per image, several tiles per image, several images.
-@pytest.mark.parametrize("shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17)])
+# Detection widths (64-512 channels) rather than the tiny shapes above, where
+# the float32 contraction runs on oneDNN with a packed weight: one tile, and
+# several tiles spanning images with a padded last one.
+@pytest.mark.parametrize("shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17), (2, 512, 13, 20)])
 def test_results_at_detection_widths_do_not_depend_on_thread_count(shape):
     g = torch.Generator().manual_seed(0)
     batch, channels, height, width = shape

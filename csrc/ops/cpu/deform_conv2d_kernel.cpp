@@ -2,23 +2,22 @@
 //
 //   y(p) = sum_k w_k * x(p + p_k + dp_k) * dm_k
 //
-// "Deformable patches + dense conv", channels-last: the input is viewed as
-// [B, H, W, C], so the four bilinear taps of a sampling point, computed once,
-// serve all channels of its offset group in contiguous (SIMD) loops. The
-// sampled values (times the modulation) are written as a patch image
-// [B, kh * H_out, kw * W_out, C]: output position (i, j) owns the kh x kw
-// block at (i * kh, j * kw), holding its kernel points' samples. A dense
-// conv2d of the patch image with the layer's weight, stride (kh, kw), no
-// padding, is then the deformable conv; for float32 it runs on oneDNN
-// (measured twice as fast as MKL's GEMMs on an AVX-512 AMD CPU), and its
-// backward gives the weight gradient and the gradient of every sample.
+// "Deformable patches + dense contraction", channels-last: the input is
+// viewed as [B, H, W, C], so the four bilinear taps of a sampling point,
+// computed once, serve all channels of its offset group in contiguous (SIMD)
+// loops. The sampled values (times the modulation) of one output position
+// form a patch row of C * kh * kw values; a tile of patch rows times the
+// weight is the deformable conv (patch_conv.h), and the backward of that
+// product gives the weight gradient and the gradient of every sample.
 //
-// Both passes work on tiles of output rows, so memory is a few tiles
-// whatever the batch. Forward fuses sampling and conv per tile, one tile per
-// thread (the tile's patches stay in cache). Backward takes the tiles in
-// order, each split between the threads: the input gradient is scattered by
-// channel ranges and the offset / mask gradients are summed per sampling
-// point, so no two tasks write the same element and no atomics are needed.
+// Both passes work on tiles of output positions (a position being image *
+// H_out * W_out + offset in the image), so memory is a few tiles whatever
+// the batch. Forward fuses sampling and contraction per tile, one tile at a
+// time per thread (the tile's patches stay in cache). Backward takes the
+// tiles in order, each split between the threads: the input gradient is
+// scattered by channel ranges and the offset / mask gradients are summed per
+// sampling point, so no two tasks write the same element and no atomics are
+// needed.
 //
 // All work is split into pieces whose sizes depend on the shapes only, so
 // results are identical at any thread count (tested).
@@ -31,6 +30,7 @@
 #include <memory>
 #include <vector>
 
+#include "ops/cpu/patch_conv.h"
 #include "ops/deform_conv2d_geometry.h"
 #include "ops/sampling.h"
 
@@ -39,14 +39,12 @@ namespace ops {
 
 namespace {
 
-// Size of one forward tile's patch image: at least kTileBytes, so that it
-// stays in cache, and at least kTileWeightRatio times the weight, because
-// every conv call reorders the weight into the conv library's layout.
+// Patch rows per forward tile: about kTileBytes of them (as fast per row as
+// whole images at conv3-conv5 widths, measured, and small enough to stay in
+// cache between the sampling and the contraction).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
-constexpr int64_t kTileWeightRatio = 2;
-// The backward's tiles: larger, since each of its conv calls is split
-// between the threads. (16 MiB measured faster than per-image chunks of up
-// to 64 MiB: 156 against 244 ms for conv3 forward+backward.)
+// The backward's tiles: larger, since each of its contractions is split
+// between the threads.
 constexpr int64_t kBackwardTileBytes = int64_t(16) << 20;
 
 // Scratch memory that every use writes before reading: left uninitialized
@@ -61,63 +59,61 @@ class Buffer {
   std::unique_ptr<T[]> data_;
 };
 
-// A run of channels [begin, end) within one offset group: the unit of the
-// contiguous inner loops.
+// A run of channels [begin, end) within one offset group and one conv group:
+// the unit of the contiguous inner loops.
 struct ChannelRun {
-  int64_t begin, end, offset_group;
+  int64_t begin, end, offset_group, group;
 };
 
 std::vector<ChannelRun> channel_runs(const ConvGeometry& g, int64_t begin, int64_t end) {
   std::vector<ChannelRun> runs;
-  const int64_t cpog = g.channels_per_offset_group();
+  const int64_t cpog = g.channels_per_offset_group(), cpg = g.channels_per_group();
   for (int64_t c = begin; c < end;) {
-    const int64_t stop = std::min(end, (c / cpog + 1) * cpog);
-    runs.push_back({c, stop, c / cpog});
+    const int64_t stop = std::min({end, (c / cpog + 1) * cpog, (c / cpg + 1) * cpg});
+    runs.push_back({c, stop, c / cpog, c / cpg});
     c = stop;
   }
   return runs;
 }
 
-// Where the samples of row r (an output position, counted from the start of
-// a block of whole output rows) and kernel point k start in the block's
-// patch image; channel c is at + c.
-inline int64_t patch_offset(const ConvGeometry& g, int64_t r, int64_t k) {
-  const int64_t i = r / g.out_w, j = r % g.out_w;
-  const int64_t ki = k / g.kernel_w, kj = k % g.kernel_w;
-  return ((i * g.kernel_h + ki) * (g.kernel_w * g.out_w) + j * g.kernel_w + kj) * g.channels;
+// Where the samples of kernel point k start in a patch row (columns are
+// group, kernel point, channel within the group; see patch_conv.h); channel
+// c of `run` is at + c.
+inline int64_t patch_column(const ConvGeometry& g, const ChannelRun& run, int64_t k) {
+  return g.channels_per_group() * (run.group * (g.kernel_points() - 1) + k);
 }
 
-// The patch image of `images` x `out_rows` output rows as a channels-last
-// [images, C, kh * out_rows, kw * W_out] tensor over `patches`.
-template <typename T>
-at::Tensor patch_image(T* patches, const ConvGeometry& g, int64_t images, int64_t out_rows, const at::TensorOptions& options) {
-  const int64_t h = g.kernel_h * out_rows, w = g.kernel_w * g.out_w, C = g.channels;
-  return at::from_blob(patches, {images, C, h, w}, {h * w * C, 1, w * C, C}, options);
+// Positions per tile: about `bytes` of patch rows, the tiles of the whole
+// batch made equal in size (the last one is then hardly padded).
+int64_t tile_positions(const ConvGeometry& g, int64_t element_size, int64_t bytes) {
+  const int64_t total = g.batch * g.positions();
+  const int64_t target = std::max<int64_t>(1, bytes / (g.row_length() * element_size));
+  const int64_t tiles = (total + target - 1) / target;
+  return (total + tiles - 1) / tiles;
 }
 
-// The dense conv that contracts a patch image with the layer's weight:
-// stride (kh, kw), no padding, no dilation.
-struct PatchConv {
-  int64_t stride[2], zeros[2] = {0, 0}, ones[2] = {1, 1};
-  int64_t groups;
-
-  explicit PatchConv(const ConvGeometry& g) : stride{g.kernel_h, g.kernel_w}, groups(g.groups) {}
-
-  at::Tensor forward(const at::Tensor& patches, const at::Tensor& weight) const {
-    return at::conv2d(patches, weight, std::nullopt, stride, zeros, ones, groups);
+// Calls fn(image, first position in the image, first row, rows) for each
+// image's part of positions [row0, row0 + rows).
+template <typename Fn>
+void for_each_image_part(const ConvGeometry& g, int64_t row0, int64_t rows, const Fn& fn) {
+  const int64_t P = g.positions();
+  for (int64_t r = 0; r < rows;) {
+    const int64_t b = (row0 + r) / P, p = (row0 + r) % P, n = std::min(rows - r, P - p);
+    fn(b, p, r, n);
+    r += n;
   }
+}
 
-  // (gradient of the patches, gradient of the weight)
-  std::tuple<at::Tensor, at::Tensor> backward(
-      const at::Tensor& grad, const at::Tensor& patches, const at::Tensor& weight) const {
-    auto grads = at::convolution_backward(
-        grad, patches, weight, std::nullopt, stride, zeros, ones, false, zeros, groups, {true, true, false});
-    return {std::get<0>(grads), std::get<1>(grads)};
-  }
-};
+// Positions [p, p + n) of image b of NCHW `planes` as an [n, C_out] matrix
+// (strided): the layout of the contraction's rows.
+inline at::Tensor position_rows(
+    void* planes, const ConvGeometry& g, int64_t b, int64_t p, int64_t n, const at::TensorOptions& options) {
+  const int64_t offset = (b * g.out_channels * g.positions() + p) * options.dtype().itemsize();
+  return at::from_blob(static_cast<char*>(planes) + offset, {n, g.out_channels}, {1, g.positions()}, options);
+}
 
-// Taps of every sampling point of output rows [row0, row0 + rows), a row
-// being image * positions + position; laid out [row][offset group][k].
+// Taps of every sampling point of positions [row0, row0 + rows); laid out
+// [row][offset group][k].
 template <typename T>
 void sampling_taps(const ConvGeometry& g, const T* offset, int64_t row0, int64_t rows, Taps<T>* taps) {
   const int64_t kk = g.kernel_points(), P = g.positions();
@@ -137,7 +133,7 @@ void sampling_taps(const ConvGeometry& g, const T* offset, int64_t row0, int64_t
   }
 }
 
-// Modulation of (row, offset group, kernel point); 1 for DCNv1.
+// Modulation of (position, offset group, kernel point); 1 for DCNv1.
 template <typename T>
 inline T modulation(const ConvGeometry& g, const T* mask, int64_t row, int64_t og, int64_t k) {
   if (!mask) {
@@ -161,9 +157,8 @@ inline int active_taps(const Taps<T>& t, int* which) {
   return n;
 }
 
-// The patch image of rows [r_begin, r_end) of a block starting at global row
-// `row0` (a row being image * positions + position; row0 starts an output
-// row): x(sampling point) * mask. `taps` holds the block's taps from r = 0.
+// Patch rows [r_begin, r_end) of a tile starting at position `row0`:
+// x(sampling point) * mask. `taps` holds the tile's taps from r = 0.
 template <typename T>
 void gather_patches(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* mask, const Taps<T>* taps,
@@ -176,7 +171,7 @@ void gather_patches(
       for (int64_t k = 0; k < kk; ++k) {
         const Taps<T>& t = taps[(r * g.offset_groups + run.offset_group) * kk + k];
         const T m = modulation(g, mask, row, run.offset_group, k);
-        T* dst = patches + patch_offset(g, r, k);
+        T* dst = patches + r * g.row_length() + patch_column(g, run, k);
         int which[4];
         const int n = active_taps(t, which);
         const T w0 = t.weight[0] * m, w1 = t.weight[1] * m, w2 = t.weight[2] * m, w3 = t.weight[3] * m;
@@ -203,28 +198,22 @@ void gather_patches(
   }
 }
 
-// Output rows [i0, i0 + out_rows) of image b: sample, then conv.
+// Positions [row0, row0 + rows): sample, contract, write out. `patches`
+// holds a whole tile of rows; those past `rows` are zeroed (the contraction
+// always gets whole tiles, see patch_conv.h).
 template <typename T>
 void forward_tile(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* offset, const T* mask,
-    const at::Tensor& weight, int64_t b, int64_t i0, int64_t out_rows, Buffer<Taps<T>>& taps, Buffer<T>& patches,
-    at::Tensor& output) {
-  const int64_t row0 = b * g.positions() + i0 * g.out_w, rows = out_rows * g.out_w;
+    const PatchConv& conv, int64_t row0, int64_t rows, Buffer<Taps<T>>& taps, at::Tensor& patches, T* output) {
+  T* patch_rows = patches.data_ptr<T>();
   sampling_taps(g, offset, row0, rows, taps.data());
-  gather_patches(g, runs, x_nhwc, mask, taps.data(), row0, 0, rows, patches.data());
-  // A dense op on raw buffers: below autograd, whatever thread runs it.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor tile = PatchConv(g).forward(patch_image(patches.data(), g, 1, out_rows, weight.options()), weight);
-  output.select(0, b).narrow(1, i0, out_rows).copy_(tile.select(0, 0));
-}
-
-// Output rows per tile: a patch image of at least `min_bytes` and at least
-// kTileWeightRatio times the weight (see kTileBytes).
-int64_t tile_rows(const ConvGeometry& g, int64_t element_size, int64_t min_bytes) {
-  const int64_t per_row = std::max<int64_t>(g.out_w * g.row_length() * element_size, 1);
-  const int64_t weight_bytes = g.out_channels * g.channels_per_group() * g.kernel_points() * element_size;
-  const int64_t bytes = std::max(min_bytes, kTileWeightRatio * weight_bytes);
-  return std::min(std::max<int64_t>(1, bytes / per_row), g.out_h);
+  gather_patches(g, runs, x_nhwc, mask, taps.data(), row0, 0, rows, patch_rows);
+  std::fill(patch_rows + rows * g.row_length(), patch_rows + patches.numel(), T(0));
+  const at::Tensor out = conv.forward(as_conv_input(patch_rows, patches.size(0), g.row_length(), patches.options()));
+  const at::Tensor out_rows = out.permute({0, 2, 3, 1}).reshape({-1, g.out_channels});  // no copy
+  for_each_image_part(g, row0, rows, [&](int64_t b, int64_t p, int64_t r, int64_t n) {
+    position_rows(output, g, b, p, n, out.options()).copy_(out_rows.narrow(0, r, n));
+  });
 }
 
 at::Tensor deform_conv2d_forward_kernel(
@@ -250,24 +239,26 @@ at::Tensor deform_conv2d_forward_kernel(
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
-  // Channels-last, as the conv library would otherwise copy it on every call.
-  const at::Tensor weight_c = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor offset = offset_.contiguous();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const int64_t tile = tile_rows(g, input.element_size(), kTileBytes);
-  const int64_t tiles_per_image = (g.out_h + tile - 1) / tile;
+  const int64_t tile = tile_positions(g, input.element_size(), kTileBytes);
+  const int64_t tiles = (g.batch * g.positions() + tile - 1) / tile;
+  const PatchConv conv(weight, g, tile);
   const auto runs = channel_runs(g, 0, g.channels);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
     const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, g.batch * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      Buffer<Taps<scalar_t>> taps(tile * g.out_w * g.offset_groups * g.kernel_points());
-      Buffer<scalar_t> patches(tile * g.out_w * g.row_length());
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      Buffer<Taps<scalar_t>> taps(tile * g.offset_groups * g.kernel_points());
+      // Dense ops on raw buffers: below autograd, whatever thread runs them
+      // (the guard is thread-local).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor patches = at::empty({tile, g.row_length()}, input.options());  // 64-byte aligned
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / tiles_per_image, i0 = (t % tiles_per_image) * tile;
+        const int64_t row0 = t * tile;
         forward_tile<scalar_t>(
-            g, runs, x_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask_ptr, weight_c, b, i0,
-            std::min(tile, g.out_h - i0), taps, patches, output);
+            g, runs, x_nhwc.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), mask_ptr, conv, row0,
+            std::min(tile, g.batch * g.positions() - row0), taps, patches, output.data_ptr<scalar_t>());
       }
     });
   });
@@ -278,7 +269,7 @@ at::Tensor deform_conv2d_forward_kernel(
 }
 
 // grad_x (channels-last) += grad_patches * mask * tap weight, for channels
-// [c_begin, c_end) of every row of a block; callers split the channels
+// [c_begin, c_end) of every row of a tile; callers split the channels
 // between threads.
 template <typename T>
 void scatter_patches(
@@ -292,7 +283,7 @@ void scatter_patches(
       for (int64_t k = 0; k < kk; ++k) {
         const Taps<T>& t = taps[(r * g.offset_groups + run.offset_group) * kk + k];
         const T m = modulation(g, mask, row, run.offset_group, k);
-        const T* src = grad_patches + patch_offset(g, r, k);
+        const T* src = grad_patches + r * g.row_length() + patch_column(g, run, k);
         for (int i = 0; i < 4; ++i) {
           if (t.weight[i] == T(0)) {
             continue;
@@ -309,7 +300,7 @@ void scatter_patches(
   }
 }
 
-// Offset and mask gradients of rows [r_begin, r_end) of a block: per
+// Offset and mask gradients of rows [r_begin, r_end) of a tile: per
 // sampling point, sums over the channels of its offset group of
 // grad_patches times the derivatives of the bilinear sample (times the mask)
 // / the sample itself.
@@ -327,12 +318,12 @@ void offset_and_mask_grads(
         const Taps<T>& t = taps[(r * g.offset_groups + og) * kk + k];
         int which[4];
         const int n = active_taps(t, which);
-        const T* src = grad_patches + patch_offset(g, r, k);
         T acc_y = 0, acc_x = 0, acc_m = 0;
         for (const ChannelRun& run : runs) {
           if (run.offset_group != og) {
             continue;
           }
+          const T* src = grad_patches + r * g.row_length() + patch_column(g, run, k);
           for (int a = 0; a < n; ++a) {
             const int i = which[a];
             const T* xi = x + int64_t(t.index[i]) * C;
@@ -388,49 +379,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     return {at::zeros_like(input), at::zeros_like(weight), grad_offset, grad_mask, grad_bias};
   }
   const at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
-  const at::Tensor weight_c = weight.contiguous(at::MemoryFormat::ChannelsLast);  // as in the forward
   at::Tensor grad_x_nhwc = at::zeros_like(x_nhwc);
-  at::Tensor grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  const int64_t P = g.positions(), kk = g.kernel_points();
-  const int64_t tile = tile_rows(g, input.element_size(), kBackwardTileBytes);
-  const int64_t tiles_per_image = (g.out_h + tile - 1) / tile;
+  const int64_t total = g.batch * g.positions(), kk = g.kernel_points(), X = g.row_length();
+  const int64_t tile = tile_positions(g, input.element_size(), kBackwardTileBytes);
+  const PatchConv conv(weight, g);
   const auto runs = channel_runs(g, 0, g.channels);
+  // The contraction's operands and results, as in patch_conv.h (64-byte
+  // aligned, as GEMM results can depend on alignment).
+  at::Tensor grad_weight_matrix = at::zeros({g.out_channels, X / g.groups}, input.options());
+  at::Tensor patches = at::empty({tile, X}, input.options());
+  at::Tensor grad_patches = at::empty({tile, X}, input.options());
+  at::Tensor grad_rows = at::empty({tile, g.out_channels}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
     using T = scalar_t;
     const T* mask_ptr = mask.defined() ? mask.data_ptr<T>() : nullptr;
     const T* x = x_nhwc.data_ptr<T>();
-    Buffer<Taps<T>> taps(tile * g.out_w * g.offset_groups * kk);
-    Buffer<T> patches(tile * g.out_w * g.row_length());
+    Buffer<Taps<T>> taps(tile * g.offset_groups * kk);
     // Tile by tile, in order (the weight gradient sums the tiles' in a fixed
     // order), each tile's work split between the threads.
-    for (int64_t t = 0; t < g.batch * tiles_per_image; ++t) {
-      const int64_t b = t / tiles_per_image, i0 = (t % tiles_per_image) * tile;
-      const int64_t out_rows = std::min(tile, g.out_h - i0), rows = out_rows * g.out_w, row0 = b * P + i0 * g.out_w;
+    for (int64_t row0 = 0; row0 < total; row0 += tile) {
+      const int64_t rows = std::min(tile, total - row0);
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local)
         sampling_taps(g, offset.data_ptr<T>(), row0 + begin, end - begin, taps.data() + begin * g.offset_groups * kk);
-        gather_patches(g, runs, x, mask_ptr, taps.data(), row0, begin, end, patches.data());
+        gather_patches(g, runs, x, mask_ptr, taps.data(), row0, begin, end, patches.data_ptr<T>());
+        // The incoming gradient of these positions as rows [position, C_out].
+        for_each_image_part(g, row0 + begin, end - begin, [&](int64_t b, int64_t p, int64_t r, int64_t n) {
+          grad_rows.narrow(0, begin + r, n).copy_(position_rows(grad.data_ptr(), g, b, p, n, grad.options()));
+        });
       });
-      // The patch conv's backward: the weight gradient and the gradient of
-      // every sample (a channels-last patch image, like the patches).
-      const at::Tensor image = patch_image(patches.data(), g, 1, out_rows, input.options());
-      auto [grad_image_, grad_weight_tile] =
-          PatchConv(g).backward(grad.narrow(0, b, 1).narrow(2, i0, out_rows), image, weight_c);
-      grad_weight.add_(grad_weight_tile);
-      const at::Tensor grad_image = grad_image_.contiguous(at::MemoryFormat::ChannelsLast);
-      const T* grad_patches = grad_image.data_ptr<T>();
+      at::Tensor tile_grad_patches = grad_patches.narrow(0, 0, rows);
+      conv.backward(grad_rows.narrow(0, 0, rows), patches.narrow(0, 0, rows), grad_weight_matrix, tile_grad_patches);
+      const T* gp = grad_patches.data_ptr<T>();
       // Input gradient by channel ranges: no two threads touch one element.
       at::parallel_for(0, g.channels, 16, [&](int64_t begin, int64_t end) {
-        scatter_patches(g, channel_runs(g, begin, end), grad_patches, mask_ptr, taps.data(), row0, rows,
+        scatter_patches(g, channel_runs(g, begin, end), gp, mask_ptr, taps.data(), row0, rows,
                         grad_x_nhwc.data_ptr<T>());
       });
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        offset_and_mask_grads(g, runs, grad_patches, x, mask_ptr, taps.data(), row0, begin, end,
+        offset_and_mask_grads(g, runs, gp, x, mask_ptr, taps.data(), row0, begin, end,
                               grad_offset.data_ptr<T>(), mask.defined() ? grad_mask.data_ptr<T>() : nullptr);
       });
     }
   });
   at::Tensor grad_input = grad_x_nhwc.permute({0, 3, 1, 2}).contiguous();
+  at::Tensor grad_weight = grad_weight_matrix.view({g.out_channels, g.kernel_h, g.kernel_w, g.channels_per_group()})
+                               .permute({0, 3, 1, 2})
+                               .contiguous();
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 
