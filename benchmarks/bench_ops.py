@@ -39,6 +39,8 @@ CONV_SHAPES = [
     ("conv4", 2, 256, 50, 68),
     ("conv5", 2, 512, 25, 34),
 ]
+# Rounds of the alternating loops that time our forward and ONNX Runtime's.
+ALONE_ROUNDS = 3
 POOL_LEVELS = [  # FPN P2..P5 of an ~800x1088 image pair
     (4, 200, 272),
     (8, 100, 136),
@@ -142,13 +144,17 @@ def bench_conv(args):
             best = best_times(fns, args.device, args.repeat)
         timed = {name: (best[(name, "fwd")], best[(name, "fwd+bwd")]) for name in candidates}
         # ONNX Runtime's threads spin for a while after each run and would
-        # slow down whichever candidate came next, so it is timed in a loop of
+        # slow down whichever candidate came next, so it is timed in loops of
         # its own, and compared with our forward timed the same way (both with
-        # their data warm in cache).
+        # their data warm in cache). The loops alternate, a few rounds each,
+        # so that a slow phase of the machine does not fall on one of them.
         ort = _ort_deform_conv(x, weight, offset, mask, torch.get_num_threads()) if args.device == "cpu" else None
         if ort is not None:
-            timed["ours_alone"] = (best_time(ours, "cpu", args.repeat), None)
-            timed["onnxruntime"] = (best_time(ort, "cpu", args.repeat), None)
+            alone = {"ours_alone": float("inf"), "onnxruntime": float("inf")}
+            for _ in range(ALONE_ROUNDS):
+                for key, fn in (("ours_alone", ours), ("onnxruntime", ort)):
+                    alone[key] = min(alone[key], best_time(fn, "cpu", args.repeat))
+            timed.update({key: (seconds, None) for key, seconds in alone.items()})
         rows.append((f"{name} {tuple(x.shape)}", timed))
     return rows
 

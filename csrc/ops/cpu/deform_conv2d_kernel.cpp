@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ops/cpu/patch_conv.h"
+#include "ops/cpu/vector_clones.h"
 #include "ops/deform_conv2d_geometry.h"
 #include "ops/sampling.h"
 
@@ -160,7 +161,7 @@ inline int active_taps(const Taps<T>& t, int* which) {
 // Patch rows [r_begin, r_end) of a tile starting at position `row0`:
 // x(sampling point) * mask. `taps` holds the tile's taps from r = 0.
 template <typename T>
-void gather_patches(
+DCNV2_VECTOR_CLONES void gather_patches(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* x_nhwc, const T* mask, const Taps<T>* taps,
     int64_t row0, int64_t r_begin, int64_t r_end, T* patches) {
   const int64_t kk = g.kernel_points(), C = g.channels;
@@ -272,7 +273,7 @@ at::Tensor deform_conv2d_forward_kernel(
 // [c_begin, c_end) of every row of a tile; callers split the channels
 // between threads.
 template <typename T>
-void scatter_patches(
+DCNV2_VECTOR_CLONES void scatter_patches(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* mask,
     const Taps<T>* taps, int64_t row0, int64_t rows, T* grad_x_nhwc) {
   const int64_t kk = g.kernel_points(), C = g.channels;
@@ -305,7 +306,7 @@ void scatter_patches(
 // grad_patches times the derivatives of the bilinear sample (times the mask)
 // / the sample itself.
 template <typename T>
-void offset_and_mask_grads(
+DCNV2_VECTOR_CLONES void offset_and_mask_grads(
     const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* x_nhwc,
     const T* mask, const Taps<T>* taps, int64_t row0, int64_t r_begin, int64_t r_end, T* grad_offset,
     T* grad_mask) {
