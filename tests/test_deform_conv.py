@@ -250,3 +250,39 @@ def test_autocast_accepts_mixed_dtypes(device, autocast_dtype, expected_dtype):
     out.float().sum().backward()
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
     assert offset.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_algorithms_mode(device):
+    # CPU: deterministic by construction, so it runs and gives the same
+    # results. CUDA: the backward scatters with atomics and must refuse.
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[0], torch.float32, device)
+    inputs = (x, offset, weight, bias, mask)
+    expected = torch.autograd.grad(deform_conv2d(x, offset, weight, bias, mask=mask, **kw).sum(), inputs)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+        if device == "cuda":
+            with pytest.raises(RuntimeError, match="_deform_conv2d_backward"):
+                torch.autograd.grad(out.sum(), inputs)
+        else:
+            for a, b in zip(torch.autograd.grad(out.sum(), inputs), expected):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_batch_64_matches_image_by_image(device):
+    # The batch size that overflowed 32-bit indices in older kernels.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, 25, 34, generator=g).to(device)
+    weight = (torch.randn(512, 512, 3, 3, generator=g) * 0.02).to(device)
+    offset = (torch.randn(64, 18, 25, 34, generator=g) * 2).to(device)
+    mask = torch.rand(64, 9, 25, 34, generator=g).to(device)
+    out = deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    for b in (0, 31, 63):
+        one = deform_conv2d(x[b : b + 1], offset[b : b + 1], weight, padding=1, mask=mask[b : b + 1])
+        torch.testing.assert_close(out[b : b + 1], one, rtol=1e-4, atol=1e-4)
+    torch.cuda.synchronize()

@@ -379,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (g.batch == 0) {
     return {at::zeros_like(input), at::zeros_like(weight), grad_offset, grad_mask, grad_bias};
   }
-  const at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
+  at::Tensor x_nhwc = input.permute({0, 2, 3, 1}).contiguous();
   at::Tensor grad_x_nhwc = at::zeros_like(x_nhwc);
   const int64_t total = g.batch * g.positions(), kk = g.kernel_points(), X = g.row_length();
   const int64_t tile = tile_positions(g, input.element_size(), kBackwardTileBytes);
@@ -424,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       });
     }
   });
+  x_nhwc.reset();  // before the gradient's layout copy: one input-sized buffer less at the peak
   at::Tensor grad_input = grad_x_nhwc.permute({0, 3, 1, 2}).contiguous();
   at::Tensor grad_weight = grad_weight_matrix.view({g.out_channels, g.kernel_h, g.kernel_w, g.channels_per_group()})
                                .permute({0, 3, 1, 2})
