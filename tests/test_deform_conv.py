@@ -146,9 +146,12 @@ def test_results_do_not_depend_on_thread_count():
 
 
 # Detection widths (64-512 channels) rather than the tiny shapes above, where
-# the float32 contraction runs on oneDNN with a packed weight: one tile, and
-# several tiles spanning images with a padded last one.
-@pytest.mark.parametrize("shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17), (2, 512, 13, 20)])
+# the float32 contraction runs on oneDNN with a packed weight: several tiles,
+# spanning images, with a padded last one; and few channels on a large map,
+# where the forward is one tile and the weight gradient one GEMM per tile.
+@pytest.mark.parametrize(
+    "shape", [(1, 64, 40, 48), (2, 128, 30, 34), (3, 256, 12, 17), (2, 512, 13, 20), (1, 16, 64, 64)]
+)
 def test_results_at_detection_widths_do_not_depend_on_thread_count(shape):
     g = torch.Generator().manual_seed(0)
     batch, channels, height, width = shape

@@ -30,6 +30,7 @@
 #include <memory>
 #include <vector>
 
+#include "ops/cpu/parallel_tasks.h"
 #include "ops/cpu/patch_conv.h"
 #include "ops/cpu/vector_clones.h"
 #include "ops/deform_conv2d_geometry.h"
@@ -249,11 +250,9 @@ at::Tensor deform_conv2d_forward_kernel(
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_forward_cpu", [&] {
     const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    // Each tile's contraction single-threaded: see parallel_tasks.
+    parallel_tasks(tiles, [&](int64_t begin, int64_t end) {
       Buffer<Taps<scalar_t>> taps(tile * g.offset_groups * g.kernel_points());
-      // Dense ops on raw buffers: below autograd, whatever thread runs them
-      // (the guard is thread-local).
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor patches = at::empty({tile, g.row_length()}, input.options());  // 64-byte aligned
       for (int64_t t = begin; t < end; ++t) {
         const int64_t row0 = t * tile;
@@ -402,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     for (int64_t row0 = 0; row0 < total; row0 += tile) {
       const int64_t rows = std::min(tile, total - row0);
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local)
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local) for the copies below
         sampling_taps(g, offset.data_ptr<T>(), row0 + begin, end - begin, taps.data() + begin * g.offset_groups * kk);
         gather_patches(g, runs, x, mask_ptr, taps.data(), row0, begin, end, patches.data_ptr<T>());
         // The incoming gradient of these positions as rows [position, C_out].

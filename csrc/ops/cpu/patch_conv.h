@@ -11,7 +11,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -19,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/cpu/parallel_tasks.h"
 #include "ops/deform_conv2d_geometry.h"
 
 namespace dcnv2 {
@@ -73,9 +73,10 @@ class PatchConv {
   // row-major) += the tile's part; grad_patches ([R, X], row-major) = the
   // gradient of every sample.
   //
-  // Plain GEMMs, each single-threaded, on blocks fixed by the shapes: the
-  // conv library's backward sums in an order that depends on the thread
-  // count (measured), these give the same results at any thread count.
+  // Plain GEMMs, each single-threaded (parallel_tasks), on blocks fixed by
+  // the shapes: the conv library's backward sums in an order that depends on
+  // the thread count (measured), these give the same results at any thread
+  // count.
   void backward(const at::Tensor& grad_rows, const at::Tensor& rows, at::Tensor& grad_weight,
                 at::Tensor& grad_patches) const {
     const int64_t R = rows.size(0), X = rows.size(1), xg = X / groups_, cout_g = weight_.size(0) / groups_;
@@ -83,8 +84,7 @@ class PatchConv {
     // Weight gradient by column blocks (each reads the tile's incoming
     // gradient, which is small, once more).
     const Blocks columns(xg, kColumnBlock);
-    at::parallel_for(0, groups_ * columns.count, 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_tasks(groups_ * columns.count, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t group = t / columns.count, c0 = columns.start(t % columns.count);
         const int64_t n = columns.length(t % columns.count);
@@ -95,8 +95,7 @@ class PatchConv {
     });
     // Samples' gradient by row blocks.
     const Blocks row_blocks(R, kRowBlock);
-    at::parallel_for(0, groups_ * row_blocks.count, 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_tasks(groups_ * row_blocks.count, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t group = t / row_blocks.count, r0 = row_blocks.start(t % row_blocks.count);
         const int64_t n = row_blocks.length(t % row_blocks.count);
