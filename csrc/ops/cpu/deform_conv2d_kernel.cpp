@@ -43,7 +43,7 @@ namespace {
 
 // Patch rows per forward tile: about kTileBytes of them (as fast per row as
 // whole images at conv3-conv5 widths, measured, and small enough to stay in
-// cache between the sampling and the contraction).
+// the last-level cache between the sampling and the contraction).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
 // The backward's tiles: larger, since each of its contractions is split
 // between the threads.
