@@ -172,6 +172,28 @@ def test_results_at_detection_widths_do_not_depend_on_thread_count(shape):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "onednn-off"])
+def test_float32_contraction_paths_match_torchvision(onednn):
+    # float32 contracts on oneDNN with a packed weight, or through at::conv2d
+    # when oneDNN is switched off: both must give torchvision's results
+    # (here with 2 groups and 2 offset groups).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 20, 24, generator=g).requires_grad_()
+    weight = (torch.randn(32, 32, 3, 3, generator=g) * 0.05).requires_grad_()
+    offset = (torch.randn(2, 2 * 2 * 9, 20, 24, generator=g) * 2).requires_grad_()
+    mask = torch.rand(2, 2 * 9, 20, 24, generator=g).requires_grad_()
+    kw = dict(padding=1)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        out = deform_conv2d(x, offset, weight, mask=mask, **kw)
+        grads = torch.autograd.grad(out.square().sum(), (x, offset, weight, mask))
+    inputs = [t.detach().double().requires_grad_() for t in (x, offset, weight, mask)]
+    expected = torchvision.ops.deform_conv2d(inputs[0], inputs[1], inputs[2], mask=inputs[3], **kw)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-3, atol=1e-3)
+
+
 def test_opcheck():
     x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[1], torch.float64, "cpu")
     args = (x, weight, offset, mask, bias, *kw["stride"], *kw["padding"], *kw["dilation"], 2, 3)

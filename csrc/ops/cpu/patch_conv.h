@@ -1,13 +1,13 @@
 // The dense half of the CPU deformable conv: a patch matrix (one row of
 // C * kh * kw samples per output position) times the layer's weight.
 //
-// The contraction is run as a 1x1 conv over a channels-last [1, X, 1, R]
-// view of R patch rows, because the conv library (oneDNN, for float32) is
-// about twice as fast at it as MKL's GEMM on AVX-512 AMD CPUs and its 1x1
-// backward twice as fast as that of the equivalent strided 3x3 conv
-// (measured). The forward weight is packed into oneDNN's blocked layout once
-// per call, not once per tile; every tile then has the packed shape, since a
-// tile of another shape would make oneDNN unpack it again.
+// The forward runs it as a 1x1 conv over a channels-last [1, X, 1, R] view
+// of R patch rows: for float32 that is oneDNN, faster here than MKL's GEMM
+// on AVX-512 AMD CPUs (measured at conv5 widths: 37 against 42-46 ms). The
+// weight is packed into oneDNN's blocked layout once per call, not once per
+// tile; every tile then has the packed shape, since a tile of another shape
+// makes oneDNN unpack it again. The backward runs as GEMMs on fixed blocks
+// (see backward()).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +28,8 @@ namespace ops {
 // weight's [C_out, kh, kw, C / groups] order, so the weight matrix is the
 // channels-last weight as it lies in memory.
 inline at::Tensor weight_matrix(const at::Tensor& weight, const ConvGeometry& g) {
-  return weight.permute({0, 2, 3, 1}).contiguous().view({g.out_channels, g.kernel_points() * g.channels_per_group(), 1, 1});
+  const int64_t columns = g.kernel_points() * g.channels_per_group();
+  return weight.permute({0, 2, 3, 1}).contiguous().view({g.out_channels, columns, 1, 1});
 }
 
 // A [R, X] row-major buffer as the channels-last [1, X, 1, R] conv input.
@@ -43,11 +44,12 @@ class PatchConv {
   PatchConv(const at::Tensor& weight, const ConvGeometry& g, std::optional<int64_t> forward_tile_rows = std::nullopt)
       : weight_(weight_matrix(weight, g)), groups_(g.groups) {
     const auto* op = packed_conv_op();
-    if (forward_tile_rows && op && weight.scalar_type() == at::kFloat && at::hasMKLDNN()) {
-      const int64_t tile_rows = *forward_tile_rows;
+    // (torch.backends.mkldnn.enabled = False turns it off, as for at::conv2d.)
+    const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+    if (forward_tile_rows && op && onednn && weight.scalar_type() == at::kFloat) {
       packed_op_ = op;
-      packed_ = at::mkldnn_reorder_conv2d_weight(
-          weight_.to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, groups_, at::IntArrayRef({1, weight_.size(1) * groups_, 1, tile_rows}));
+      const int64_t tile_shape[4] = {1, weight_.size(1) * groups_, 1, *forward_tile_rows};
+      packed_ = at::mkldnn_reorder_conv2d_weight(weight_.to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, groups_, tile_shape);
     }
   }
 
