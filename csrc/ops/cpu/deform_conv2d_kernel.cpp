@@ -42,8 +42,8 @@ namespace ops {
 namespace {
 
 // Patch rows per forward tile: about kTileBytes of them (as fast per row as
-// whole images at conv3-conv5 widths, measured, and small enough to stay in
-// the last-level cache between the sampling and the contraction).
+// whole images at conv3 and conv5 widths, measured, and small enough to stay
+// in the last-level cache between the sampling and the contraction).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
 // The backward's tiles: larger, since each of its contractions is split
 // between the threads.
