@@ -12,7 +12,7 @@ EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o
 ENV_STAMP := $(VENV)/.dcnv2-env-stamp
 EXT_STAMP := build/.dcnv2-ext-stamp
 
-.PHONY: env ext test demo bench cuda-compile clean
+.PHONY: env ext test demo bench cuda-compile lint format clean
 
 env: $(ENV_STAMP)
 
@@ -47,6 +47,18 @@ cuda-compile: $(ENV_STAMP)
 	CUDA_HOME="$(or $(CUDA_HOME),$(abspath $(NVCC_TOP)))" FORCE_CUDA=1 \
 		TORCH_CUDA_ARCH_LIST="$(or $(TORCH_CUDA_ARCH_LIST),9.0)" \
 		$(PYTHON) setup.py -q build_ext --build-temp build/cuda-compile/tmp --build-lib build/cuda-compile/lib
+
+# Style (pyproject.toml, .clang-format): `make format` applies it, `make lint` checks it (CI does).
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+lint: $(ENV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(ENV_STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf build dcnv2_plugin/_C*.so

@@ -4,6 +4,7 @@ The extension is a CUDAExtension when a GPU is visible or FORCE_CUDA=1 (CI
 uses that to compile the CUDA kernels on a machine without a GPU), else a
 CppExtension with the CPU kernels only.
 """
+
 import glob
 import os
 

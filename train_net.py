@@ -7,12 +7,9 @@
 
 The datasets are detectron2's built-in ones (COCO under $DETECTRON2_DATASETS).
 """
+
 import logging
 import os
-
-import dcnv2_plugin  # registers the backbones and ROI heads; must come before detectron2's models
-from dcnv2_plugin._detectron2_compat import has_compiled_ops
-from dcnv2_plugin.modeling import build_optimizer
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -20,6 +17,10 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils.logger import setup_logger
+
+import dcnv2_plugin  # registers the backbones and ROI heads; must come before detectron2's models
+from dcnv2_plugin._detectron2_compat import has_compiled_ops
+from dcnv2_plugin.modeling import build_optimizer
 
 logger = logging.getLogger("dcnv2_plugin.train_net")
 
@@ -32,7 +33,9 @@ class Trainer(DefaultTrainer):
         # detectron2's fast COCO evaluation needs its compiled ops.
         use_fast_impl = has_compiled_ops()
         implementation = (
-            "detectron2's fast implementation" if use_fast_impl else "pycocotools (detectron2's compiled ops are missing)"
+            "detectron2's fast implementation"
+            if use_fast_impl
+            else "pycocotools (detectron2's compiled ops are missing)"
         )
         logger.info("COCO evaluation with %s", implementation)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")

@@ -18,6 +18,7 @@ thread count; every ratio is ours / peer (below 1 = ours faster). Sections:
     python benchmarks/bench_ops.py                     # CPU, every section
     python benchmarks/bench_ops.py --device cuda --dtype float16
 """
+
 import argparse
 import json
 import os
@@ -98,16 +99,24 @@ def _ort_deform_conv(x, weight, offset, mask, threads):
     except ImportError:
         return None
     node = helper.make_node(
-        "DeformConv", ["X", "W", "offset", "B", "mask"], ["Y"],
-        kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1, offset_group=1,
+        "DeformConv",
+        ["X", "W", "offset", "B", "mask"],
+        ["Y"],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[1, 1],
+        dilations=[1, 1],
+        group=1,
+        offset_group=1,
     )
     names = ["X", "W", "offset", "B", "mask"]
     arrays = [t.detach().float().cpu().numpy() for t in (x, weight, offset)]
     arrays += [np.zeros(weight.shape[0], np.float32), mask.detach().float().cpu().numpy()]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in zip(names, arrays)]
     output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph([node], "deform_conv", inputs, [output]),
-                              opset_imports=[helper.make_opsetid("", 19)])
+    model = helper.make_model(
+        helper.make_graph([node], "deform_conv", inputs, [output]), opset_imports=[helper.make_opsetid("", 19)]
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -133,13 +142,20 @@ def bench_conv(args):
         def fwd_bwd(fn):
             def run():
                 out = fn()
-                torch.autograd.grad(out, [t for t in (x, weight, offset, mask) if t is not None], torch.ones_like(out),
-                                    allow_unused=True)
+                torch.autograd.grad(
+                    out,
+                    [t for t in (x, weight, offset, mask) if t is not None],
+                    torch.ones_like(out),
+                    allow_unused=True,
+                )
+
             return run
 
         candidates = {"ours": ours, "torchvision": theirs, "conv2d": dense}
-        fns = {**{(name, "fwd"): fn for name, fn in candidates.items()},
-               **{(name, "fwd+bwd"): fwd_bwd(fn) for name, fn in candidates.items()}}
+        fns = {
+            **{(name, "fwd"): fn for name, fn in candidates.items()},
+            **{(name, "fwd+bwd"): fwd_bwd(fn) for name, fn in candidates.items()},
+        }
         with torch.autocast(args.device, dtype=args.autocast_dtype, enabled=args.autocast):
             best = best_times(fns, args.device, args.repeat)
         timed = {name: (best[(name, "fwd")], best[(name, "fwd+bwd")]) for name in candidates}
@@ -189,6 +205,7 @@ def bench_pool(args):
             def run():
                 out = fn()
                 torch.autograd.grad(out, inputs, torch.ones_like(out))
+
             return run
 
         best = best_times({
@@ -244,8 +261,16 @@ def bench_memory(args):
     rows = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for batch in (1, 2, 4, 8):
-        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", str(batch), "--device", args.device,
-                   "--dtype", str(args.dtype).replace("torch.", "")]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-probe",
+            str(batch),
+            "--device",
+            args.device,
+            "--dtype",
+            str(args.dtype).replace("torch.", ""),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -257,10 +282,11 @@ def bench_memory(args):
 def bench_e2e(args):
     """One training step (forward+backward) of the R-50-FPN Faster R-CNN,
     DCNv2 (mdconv c3-c5 + mdpool) against regular, at the same config."""
-    import dcnv2_plugin  # noqa: F401  (registers the components)
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
+
+    import dcnv2_plugin  # noqa: F401  (registers the components)
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     times = {}
@@ -325,24 +351,29 @@ def main():
         args.dtype = torch.float32
     sections = args.sections.split(",")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# dcnv2 operator benchmark: {device_name}, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, dtype {args.dtype}{' (autocast)' if args.autocast else ''}, "
-          f"min of {args.repeat}")
+    print(
+        f"# dcnv2 operator benchmark: {device_name}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, dtype {args.dtype}{' (autocast)' if args.autocast else ''}, "
+        f"min of {args.repeat}"
+    )
     results = {"device": device_name, "dtype": str(args.dtype)}
 
     if "conv" in sections:
         print("\n## modulated deformable conv 3x3 (fwd | fwd+bwd); ratio = ours / peer")
-        print("| shape | ours | torchvision | conv2d | ours/tv | ours/conv2d | fwd alone: ours | onnxruntime "
-              "| ours/ort |")
+        print(
+            "| shape | ours | torchvision | conv2d | ours/tv | ours/conv2d | fwd alone: ours | onnxruntime | ours/ort |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         results["conv"] = {}
         for label, t in bench_conv(args):
             ours, tv, dense = t["ours"], t["torchvision"], t["conv2d"]
             ours_alone, ort = t.get("ours_alone", (None,))[0], t.get("onnxruntime", (None,))[0]
-            print(f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(tv[0])} / {_fmt(tv[1])} | "
-                  f"{_fmt(dense[0])} / {_fmt(dense[1])} | {_ratio(ours[0], tv[0])} / {_ratio(ours[1], tv[1])} | "
-                  f"{_ratio(ours[0], dense[0])} / {_ratio(ours[1], dense[1])} | {_fmt(ours_alone)} | {_fmt(ort)} | "
-                  f"{_ratio(ours_alone, ort)} |")
+            print(
+                f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(tv[0])} / {_fmt(tv[1])} | "
+                f"{_fmt(dense[0])} / {_fmt(dense[1])} | {_ratio(ours[0], tv[0])} / {_ratio(ours[1], tv[1])} | "
+                f"{_ratio(ours[0], dense[0])} / {_ratio(ours[1], dense[1])} | {_fmt(ours_alone)} | {_fmt(ort)} | "
+                f"{_ratio(ours_alone, ort)} |"
+            )
             results["conv"][label] = t
     if "pool" in sections:
         print("\n## modulated deformable RoI pooling 7x7 vs roi_align (fwd | fwd+bwd)")
@@ -351,8 +382,10 @@ def main():
         results["pool"] = {}
         for label, t in bench_pool(args):
             ours, ra = t["ours"], t["roi_align"]
-            print(f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(ra[0])} / {_fmt(ra[1])} | "
-                  f"{_ratio(ours[0], ra[0])} / {_ratio(ours[1], ra[1])} |")
+            print(
+                f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(ra[0])} / {_fmt(ra[1])} | "
+                f"{_ratio(ours[0], ra[0])} / {_ratio(ours[1], ra[1])} |"
+            )
             results["pool"][label] = t
     if "memory" in sections:
         print(f"\n## peak memory of deform_conv2d fwd+bwd at {CONV_SHAPES[1][0]} shapes vs batch")

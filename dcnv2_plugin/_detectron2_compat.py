@@ -13,6 +13,7 @@ functions raise an error naming what is unavailable and how to get it, and
 reports the missing build in detectron2's environment summary. With a full
 detectron2 install nothing is changed.
 """
+
 import importlib
 import importlib.util
 import sys

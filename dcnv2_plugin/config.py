@@ -5,6 +5,7 @@ backbone is chosen with MODEL.RESNETS.DEFORM_ON_PER_STAGE, DEFORM_MODULATED
 and DEFORM_NUM_GROUPS, and the deformable RoI pooling with
 MODEL.ROI_BOX_HEAD.POOLER_TYPE (and ROI_MASK_HEAD.POOLER_TYPE).
 """
+
 from detectron2.config import CfgNode as CN
 
 

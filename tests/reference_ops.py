@@ -2,6 +2,7 @@
 deformable RoI pooling, written from the definition: RoIAlign (aligned=True)
 sampling with every bin shifted by gamma * offset * roi size and scaled by
 the mask. Slow and simple on purpose."""
+
 import math
 
 import torch
@@ -29,7 +30,12 @@ def _roi_align_bilinear(feature, y, x):
     def at(yy, xx):
         return feature[:, yy.clamp(0, height - 1), xx.clamp(0, width - 1)]
 
-    value = hy * hx * at(y_low, x_low) + hy * lx * at(y_low, x_high) + ly * hx * at(y_high, x_low) + ly * lx * at(y_high, x_high)
+    value = (
+        hy * hx * at(y_low, x_low)
+        + hy * lx * at(y_low, x_high)
+        + ly * hx * at(y_high, x_low)
+        + ly * lx * at(y_high, x_high)
+    )
     return value * inside
 
 

@@ -1,11 +1,12 @@
 """The MODEL.DCNV2 keys and the shipped COCO configs."""
+
 from pathlib import Path
 
 import pytest
 import yaml
+from detectron2.config import get_cfg
 
 import dcnv2_plugin
-from detectron2.config import get_cfg
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = CONFIG_DIR / "Base-RCNN-FPN.yaml"

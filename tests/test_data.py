@@ -1,9 +1,11 @@
 """The embedded shapes dataset: determinism, COCO validity, exact masks, registration, caching."""
+
 import json
 import uuid
 
 import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
@@ -18,7 +20,6 @@ from dcnv2_plugin.data import (
     register_shapes_dataset,
 )
 from dcnv2_plugin.data.generate import draw_image, main
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 SMALL_SPLIT = SplitSpec(num_images=16, seed=7)
 
@@ -113,7 +114,8 @@ def test_second_call_reuses_the_cache(tmp_path):
     changed = ensure_split("val", tmp_path, ShapesParams(noise_sigma=0.0), split)
     assert changed.json_file.parent != first.json_file.parent
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [first.json_file.parent.name, changed.json_file.parent.name])  # no scratch folders left
+        [first.json_file.parent.name, changed.json_file.parent.name]
+    )  # no scratch folders left
 
 
 def test_registration_generates_on_first_use(tmp_path):

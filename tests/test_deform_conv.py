@@ -1,12 +1,13 @@
 """Modulated deformable convolution against torchvision's deform_conv2d,
 gradcheck, opcheck, dtypes, thread-count invariance and argument errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import DEVICES
 from torch.autograd import gradcheck
 
-from conftest import DEVICES
 from dcnv2_plugin.ops import ModulatedDeformConv2d, deform_conv2d
 
 # (batch, in, out, height, width, kernel, stride, padding, dilation, groups, offset_groups, offset scale)
@@ -32,7 +33,7 @@ def make_inputs(config, dtype, device, use_mask=True, requires_grad=True):
     x = rand(batch, cin, h, w)
     weight = rand(cout, cin // groups, kh, kw)
     bias = rand(cout)
-    offset = (torch.randn(batch, 2 * ogroups * kh * kw, out_h, out_w, generator=g, dtype=torch.float64) * scale)
+    offset = torch.randn(batch, 2 * ogroups * kh * kw, out_h, out_w, generator=g, dtype=torch.float64) * scale
     offset = offset.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     mask = rand(batch, ogroups * kh * kw, out_h, out_w, fn=torch.rand) if use_mask else None
     return x, offset, weight, bias, mask, dict(stride=stride, padding=pad, dilation=dil)
@@ -231,13 +232,21 @@ def test_module_trains_its_offsets():
     [
         (lambda a: {**a, "input": a["input"][0]}, ValueError, "input must be a 4-D"),
         (lambda a: {**a, "weight": a["weight"][:, :3]}, ValueError, "weight expects 3 input channels per group"),
-        (lambda a: {**a, "weight": torch.randn(5, 2, 3, 3, dtype=torch.float64)}, ValueError, "not divisible by groups"),
+        (
+            lambda a: {**a, "weight": torch.randn(5, 2, 3, 3, dtype=torch.float64)},
+            ValueError,
+            "not divisible by groups",
+        ),
         (lambda a: {**a, "offset": a["offset"][:, :17]}, ValueError, "offset must have 2 \\* offset_groups"),
         (lambda a: {**a, "offset": a["offset"][:, :, :3]}, ValueError, "offset must have shape"),
         (lambda a: {**a, "mask": a["mask"][:, :4]}, ValueError, "mask must have shape"),
         (lambda a: {**a, "bias": torch.zeros(3, dtype=torch.float64)}, ValueError, "bias must have 6"),
         (lambda a: {**a, "weight": a["weight"].float()}, TypeError, "weight has dtype torch.float32"),
-        (lambda a: {**a, "input": a["input"].long(), "weight": a["weight"].long()}, TypeError, "input has dtype torch.int64"),
+        (
+            lambda a: {**a, "input": a["input"].long(), "weight": a["weight"].long()},
+            TypeError,
+            "input has dtype torch.int64",
+        ),
         (lambda a: {**a, "mask": a["mask"].to("meta")}, ValueError, "mask is on meta"),
         (lambda a: {**a, "stride": 0}, ValueError, "stride must be positive"),
         (lambda a: {**a, "input": a["input"][:, :, :1, :1], "padding": 0}, ValueError, "output would be empty"),
@@ -253,7 +262,9 @@ def test_bad_arguments_raise_clear_errors(change, error, match):
 def test_direct_op_call_with_bad_shapes_raises_instead_of_crashing():
     x = torch.randn(1, 4, 6, 6)
     with pytest.raises(RuntimeError, match="offset has shape"):
-        torch.ops.dcnv2.deform_conv2d(x, torch.randn(4, 4, 3, 3), torch.randn(1, 18, 2, 2), None, None, 1, 1, 1, 1, 1, 1, 1, 1)
+        torch.ops.dcnv2.deform_conv2d(
+            x, torch.randn(4, 4, 3, 3), torch.randn(1, 18, 2, 2), None, None, 1, 1, 1, 1, 1, 1, 1, 1
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
 """(Modulated) deformable RoI pooling: zero offsets against torchvision's
 roi_align(aligned=True), offsets and masks against an independent
 pure-PyTorch reference, gradcheck, opcheck, torch.compile and errors."""
+
 import pytest
 import torch
 import torchvision
+from conftest import DEVICES
+from reference_ops import deform_roi_pool_reference
 from torch.autograd import gradcheck
 
-from conftest import DEVICES
 from dcnv2_plugin.ops import DeformRoIPool, ModulatedDeformConv2d, deform_roi_pool
-from reference_ops import deform_roi_pool_reference
 
 ROIS = [
     [0, 1.2, 2.3, 8.5, 9.1],  # ordinary
@@ -59,8 +60,15 @@ def test_matches_reference_with_offsets_and_masks(device, use_offset, use_mask, 
     mask = mask if use_mask else None
     kw = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=sampling_ratio, gamma=0.3)
     ours = deform_roi_pool(x, rois, offset, mask, **kw)
-    ref = deform_roi_pool_reference(x.cpu(), rois.cpu(), *(t.cpu() if t is not None else None for t in (offset, mask)),
-                                    kw["output_size"], kw["spatial_scale"], sampling_ratio, kw["gamma"])
+    ref = deform_roi_pool_reference(
+        x.cpu(),
+        rois.cpu(),
+        *(t.cpu() if t is not None else None for t in (offset, mask)),
+        kw["output_size"],
+        kw["spatial_scale"],
+        sampling_ratio,
+        kw["gamma"],
+    )
     torch.testing.assert_close(ours.cpu(), ref, rtol=1e-10, atol=1e-10)
     inputs = [t for t in (x, offset, mask) if t is not None]
     g = torch.randn_like(ours)
@@ -76,7 +84,9 @@ def test_gradcheck(device, sampling_ratio):
     offset = (offset * 0.37 + 0.013).detach().requires_grad_()
 
     def fn(x, offset, mask):
-        return deform_roi_pool(x, rois, offset, mask, output_size=(3, 4), spatial_scale=0.5, sampling_ratio=sampling_ratio)
+        return deform_roi_pool(
+            x, rois, offset, mask, output_size=(3, 4), spatial_scale=0.5, sampling_ratio=sampling_ratio
+        )
 
     assert gradcheck(fn, (x, offset, mask), nondet_tol=1e-10 if device == "cuda" else 0.0)
 
@@ -141,7 +151,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dcnv2.deform_roi_pool, (x, rois, None, None, 3, 4, 0.5, 0, 0.1))
     grad = torch.randn(len(ROIS), 3, 3, 4, dtype=torch.float64)
     torch.library.opcheck(
-        torch.ops.dcnv2._deform_roi_pool_backward, (grad, x.detach(), rois, offset.detach(), mask.detach(), 3, 4, 0.5, 2, 0.1)
+        torch.ops.dcnv2._deform_roi_pool_backward,
+        (grad, x.detach(), rois, offset.detach(), mask.detach(), 3, 4, 0.5, 2, 0.1),
     )
 
 

@@ -1,10 +1,12 @@
 """The CPU demo: its configs, its table, and a quick run of the whole pipeline."""
+
 import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from detectron2.modeling import build_model
 from PIL import Image
 
 import dcnv2_plugin  # noqa: F401  (registers the models)
@@ -14,7 +16,6 @@ from dcnv2_plugin.demo.pipeline import schedule_opts
 from dcnv2_plugin.demo.report import Run, markdown_table
 from dcnv2_plugin.demo.scheduler import run_all
 from dcnv2_plugin.demo.training import RunSpec
-from detectron2.modeling import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "demo"
@@ -27,7 +28,8 @@ ALLOWED_CHANGES = {
     "stn": {"MODEL.DCNV2.STN.ENABLED", "MODEL.DCNV2.STN.HIDDEN_DIM"},
     "dcnv1": DCN_KEYS - {"MODEL.RESNETS.DEFORM_MODULATED"},  # unmodulated is detectron2's default
     "dcnv2": DCN_KEYS,
-    "dcnv2_mimic": DCN_KEYS | {
+    "dcnv2_mimic": DCN_KEYS
+    | {
         "MODEL.META_ARCHITECTURE",
         "MODEL.DCNV2.MIMIC.ENABLED",
         "MODEL.DCNV2.MIMIC.NUM_POS_ROIS",

@@ -1,6 +1,7 @@
 """detectron2 with or without its compiled ops: the plugin imports in either
 order, and a missing detectron2 op fails with an error that says what is
 missing and how to get it. Each case runs in a fresh interpreter."""
+
 import subprocess
 import sys
 
@@ -28,8 +29,10 @@ def run_python(code):
     ids=["plugin-first", "detectron2-first"],
 )
 def test_plugin_imports_before_or_after_detectron2(imports):
-    run_python(imports + "; from detectron2.modeling import BACKBONE_REGISTRY; "
-               "assert 'build_dcnv2_resnet_fpn_backbone' in BACKBONE_REGISTRY")
+    run_python(
+        imports + "; from detectron2.modeling import BACKBONE_REGISTRY; "
+        "assert 'build_dcnv2_resnet_fpn_backbone' in BACKBONE_REGISTRY"
+    )
 
 
 @needs_missing_ops
@@ -53,7 +56,9 @@ def test_missing_op_says_what_is_missing_and_how_to_get_it():
 @needs_missing_ops
 def test_environment_summary_reports_the_missing_build():
     # detectron2's default_setup prints collect_env_info(); it must not crash.
-    result = run_python("import dcnv2_plugin\nfrom detectron2.utils.collect_env import collect_env_info\nprint(collect_env_info())")
+    result = run_python(
+        "import dcnv2_plugin\nfrom detectron2.utils.collect_env import collect_env_info\nprint(collect_env_info())"
+    )
     assert "not built" in result.stdout
 
 

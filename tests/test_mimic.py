@@ -1,19 +1,20 @@
 """R-CNN feature mimicking (DCNv2 paper, Sec. 3.3): MimicRCNN and its branch."""
+
 import math
 import os
 from unittest import mock
 
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
 
 import dcnv2_plugin  # noqa: F401  (registers MimicRCNN and the DCNv2 components)
 from dcnv2_plugin import add_dcnv2_config
 from dcnv2_plugin.modeling.mimic import MimicRCNN, RCNNFeatureMimicking, mimic_loss
 from dcnv2_plugin.modeling.mimic_sampling import crop_and_resize, sample_positive_rois
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances, PolygonMasks
-from detectron2.utils.events import EventStorage
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 MIMIC_CONFIGS = [
@@ -28,23 +29,40 @@ IMAGE_HEIGHT, IMAGE_WIDTH = 64, 96
 # A model small enough for a CPU training step: narrow layers, few RoIs and
 # small crops. CROP_SIZE only has to be a multiple of the FPN's 32.
 TINY_MODEL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 32,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 8,
-    "MODEL.FPN.OUT_CHANNELS", 32,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
-    "MODEL.DCNV2.DEFORM_POOL.FC_DIM", 32,
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 32,
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
-    "MODEL.ROI_HEADS.NUM_CLASSES", NUM_CLASSES,
-    "MODEL.DCNV2.MIMIC.NUM_POS_ROIS", 2,
-    "MODEL.DCNV2.MIMIC.CROP_SIZE", 64,
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    32,
+    "MODEL.RESNETS.WIDTH_PER_GROUP",
+    8,
+    "MODEL.FPN.OUT_CHANNELS",
+    32,
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    64,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM",
+    16,
+    "MODEL.DCNV2.DEFORM_POOL.FC_DIM",
+    32,
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    32,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    200,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    50,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    50,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    16,
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    NUM_CLASSES,
+    "MODEL.DCNV2.MIMIC.NUM_POS_ROIS",
+    2,
+    "MODEL.DCNV2.MIMIC.CROP_SIZE",
+    64,
 ]
 
 
@@ -211,6 +229,7 @@ def test_default_crop_is_224_and_pooled_from_the_stride_16_level():
     assert model.mimic.crop_size == 224 and model.mimic.num_pos_rois == 32
 
     pooled = []  # (feature map height, number of RoIs) per level pooler call
+
     def record(module, inputs, output):
         feature_map, rois = inputs
         pooled.append((feature_map.shape[-2], len(rois)))

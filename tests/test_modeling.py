@@ -1,19 +1,20 @@
 """Whole detectors built from the shipped configs, on CPU, shrunk by overrides."""
+
 import math
 from pathlib import Path
 
 import pytest
 import torch
-
-import dcnv2_plugin
 from conftest import DEVICES
-from dcnv2_plugin.modeling import build_optimizer
-from dcnv2_plugin.modeling.layers import GeometryPredictor
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+
+import dcnv2_plugin
+from dcnv2_plugin.modeling import build_optimizer
+from dcnv2_plugin.modeling.layers import GeometryPredictor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # This project's ablation configs (the mimicking and demo configs are tested with their code).
@@ -23,28 +24,44 @@ MDCONV_MASK_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 64, 96
 TINY_OVERRIDES = [
-    "MODEL.DEVICE", "cpu",
+    "MODEL.DEVICE",
+    "cpu",
     # Trained from scratch here: BN, since FrozenBN (the default, for
     # ImageNet-initialized training) diverges without pretrained weights.
-    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.RESNETS.NORM",
+    "BN",
     # Narrower layers (same layer names) keep the CPU time small.
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-    "MODEL.RESNETS.WIDTH_PER_GROUP", 16,
-    "MODEL.FPN.OUT_CHANNELS", 32,
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+    "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.RESNETS.WIDTH_PER_GROUP",
+    16,
+    "MODEL.FPN.OUT_CHANNELS",
+    32,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM",
+    32,
     # All anchors of the small image in the RPN loss, so every FPN level (p2-p6)
     # gets a gradient.
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 4096,
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 32,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 200,
-    "MODEL.RPN.POST_NMS_TOPK_TEST", 32,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
-    "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
-    "MODEL.DCNV2.DEFORM_POOL.FC_DIM", 32,
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    4096,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    200,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    32,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    32,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    16,
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    64,
+    "MODEL.DCNV2.DEFORM_POOL.FC_DIM",
+    32,
     # An untrained model's scores are ~1/81; keep its detections.
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    0.0,
 ]
 
 
@@ -163,10 +180,14 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 def test_optimizer_scales_the_learning_rate_of_geometry_predictors_only():
     cfg = tiny_cfg(
         MDCONV_MASK_CONFIG,
-        "MODEL.DCNV2.STN.ENABLED", True,
-        "MODEL.DCNV2.OFFSET_LR_FACTOR", 0.25,
-        "SOLVER.BASE_LR", 0.02,
-        "SOLVER.BIAS_LR_FACTOR", 2.0,
+        "MODEL.DCNV2.STN.ENABLED",
+        True,
+        "MODEL.DCNV2.OFFSET_LR_FACTOR",
+        0.25,
+        "SOLVER.BASE_LR",
+        0.02,
+        "SOLVER.BIAS_LR_FACTOR",
+        2.0,
     )
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -198,14 +219,22 @@ def test_spatial_transformer_trains_with_the_detector():
 def test_single_feature_map_dc5_detector_trains_and_infers(device):
     model = build_tiny_model(
         MDCONV_MASK_CONFIG,
-        "MODEL.DEVICE", device,
-        "MODEL.BACKBONE.NAME", "build_dcnv2_resnet_backbone",
-        "MODEL.RESNETS.OUT_FEATURES", ["res5"],
-        "MODEL.RESNETS.RES5_DILATION", 2,
-        "MODEL.RPN.IN_FEATURES", ["res5"],
-        "MODEL.ANCHOR_GENERATOR.SIZES", [[32, 64, 128]],
-        "MODEL.ROI_HEADS.IN_FEATURES", ["res5"],
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "ModulatedDeformRoIPool",
+        "MODEL.DEVICE",
+        device,
+        "MODEL.BACKBONE.NAME",
+        "build_dcnv2_resnet_backbone",
+        "MODEL.RESNETS.OUT_FEATURES",
+        ["res5"],
+        "MODEL.RESNETS.RES5_DILATION",
+        2,
+        "MODEL.RPN.IN_FEATURES",
+        ["res5"],
+        "MODEL.ANCHOR_GENERATOR.SIZES",
+        [[32, 64, 128]],
+        "MODEL.ROI_HEADS.IN_FEATURES",
+        ["res5"],
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "ModulatedDeformRoIPool",
     )
     assert len(model.roi_heads.box_pooler.level_poolers) == 1
     perturb_zero_initialized_weights(model)

@@ -1,21 +1,22 @@
 """The deformable ResNet backbones: initial behaviour, detectron2 compatibility,
 the spatial transformer."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
-
-import dcnv2_plugin
 from conftest import DEVICES
-from dcnv2_plugin.modeling.backbone import DeformBottleneckBlock
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock as Detectron2DeformBottleneckBlock
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from torch import nn
+
+import dcnv2_plugin
+from dcnv2_plugin.modeling.backbone import DeformBottleneckBlock
 
 ALL_STAGES = ["res2", "res3", "res4", "res5"]
 
@@ -25,14 +26,21 @@ def resnet_cfg(*overrides):
     dcnv2_plugin.add_dcnv2_config(cfg)
     cfg.merge_from_list(
         [
-            "MODEL.BACKBONE.NAME", "build_dcnv2_resnet_backbone",
-            "MODEL.BACKBONE.FREEZE_AT", 0,
-            "MODEL.RESNETS.OUT_FEATURES", ALL_STAGES,
-            "MODEL.RESNETS.NORM", "BN",
+            "MODEL.BACKBONE.NAME",
+            "build_dcnv2_resnet_backbone",
+            "MODEL.BACKBONE.FREEZE_AT",
+            0,
+            "MODEL.RESNETS.OUT_FEATURES",
+            ALL_STAGES,
+            "MODEL.RESNETS.NORM",
+            "BN",
             # Narrow layers (same structure and names) keep float64 fast.
-            "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-            "MODEL.RESNETS.WIDTH_PER_GROUP", 16,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS",
+            16,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            64,
+            "MODEL.RESNETS.WIDTH_PER_GROUP",
+            16,
         ]
         + list(overrides)
     )
@@ -79,10 +87,14 @@ INIT_CASES = {
     ),
     "X50-mdconv-2-offset-groups": (
         [
-            "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [True, True, True, True],
-            "MODEL.RESNETS.NUM_GROUPS", 4,
-            "MODEL.RESNETS.WIDTH_PER_GROUP", 4,
-            "MODEL.RESNETS.DEFORM_NUM_GROUPS", 2,
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+            [True, True, True, True],
+            "MODEL.RESNETS.NUM_GROUPS",
+            4,
+            "MODEL.RESNETS.WIDTH_PER_GROUP",
+            4,
+            "MODEL.RESNETS.DEFORM_NUM_GROUPS",
+            2,
         ],
         [0, 1, 2, 3],
     ),
@@ -127,9 +139,12 @@ def test_initial_backbone_is_the_regular_one_with_deformable_conv_outputs_scaled
 @pytest.mark.parametrize("deform_num_groups", [1, 2])
 def test_detectron2_deformable_resnet_state_dict_loads_strictly(modulated, deform_num_groups):
     overrides = [
-        "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True],
-        "MODEL.RESNETS.DEFORM_MODULATED", modulated,
-        "MODEL.RESNETS.DEFORM_NUM_GROUPS", deform_num_groups,
+        "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+        [False, True, True, True],
+        "MODEL.RESNETS.DEFORM_MODULATED",
+        modulated,
+        "MODEL.RESNETS.DEFORM_NUM_GROUPS",
+        deform_num_groups,
     ]
     # detectron2's own builder constructs without detectron2._C (only its forward needs it).
     theirs = build_resnet_backbone(resnet_cfg(*overrides), ShapeSpec(channels=3))
@@ -160,8 +175,13 @@ def test_block_matches_detectron2_deform_bottleneck_block_with_learned_offsets(m
     block computes what detectron2's block computes: same offset/mask split
     of `conv2_offset`'s output, same sigmoid, same kernel semantics."""
     kwargs = dict(
-        bottleneck_channels=16, stride=2, num_groups=2, norm="BN", dilation=2,
-        deform_modulated=modulated, deform_num_groups=2,
+        bottleneck_channels=16,
+        stride=2,
+        num_groups=2,
+        norm="BN",
+        dilation=2,
+        deform_modulated=modulated,
+        deform_num_groups=2,
     )
     torch.manual_seed(0)
     theirs = Detectron2DeformBottleneckBlock(8, 32, **kwargs)

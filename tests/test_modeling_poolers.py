@@ -1,15 +1,16 @@
 """Deformable RoI pooling as a detectron2 pooler, and the ROI heads' pooler types."""
+
 import pytest
 import torch
-
-import dcnv2_plugin
 from conftest import DEVICES
-from dcnv2_plugin.modeling.poolers import DeformableROIPooler
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_roi_heads
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
+
+import dcnv2_plugin
+from dcnv2_plugin.modeling.poolers import DeformableROIPooler
 
 CHANNELS = 8
 OUTPUT_SIZE = 7
@@ -114,15 +115,24 @@ def roi_heads(*overrides):
     dcnv2_plugin.add_dcnv2_config(cfg)
     cfg.merge_from_list(
         [
-            "MODEL.ROI_HEADS.NAME", "DCNv2ROIHeads",
-            "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
-            "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
-            "MODEL.ROI_BOX_HEAD.NUM_FC", 2,
-            "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7,
-            "MODEL.ROI_MASK_HEAD.CONV_DIM", 8,
-            "MODEL.DCNV2.DEFORM_POOL.FC_DIM", 16,
-            "MODEL.MASK_ON", True,
+            "MODEL.ROI_HEADS.NAME",
+            "DCNv2ROIHeads",
+            "MODEL.ROI_HEADS.IN_FEATURES",
+            ["p2", "p3", "p4", "p5"],
+            "MODEL.ROI_BOX_HEAD.NAME",
+            "FastRCNNConvFCHead",
+            "MODEL.ROI_BOX_HEAD.NUM_FC",
+            2,
+            "MODEL.ROI_BOX_HEAD.FC_DIM",
+            32,
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+            7,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM",
+            8,
+            "MODEL.DCNV2.DEFORM_POOL.FC_DIM",
+            16,
+            "MODEL.MASK_ON",
+            True,
         ]
         + list(overrides)
     )

@@ -1,4 +1,5 @@
 """train_net.py end to end on a tiny COCO-format dataset written by the test."""
+
 import importlib.util
 import json
 import math
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
 from PIL import Image
 
 from dcnv2_plugin._detectron2_compat import has_compiled_ops
-from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
@@ -66,41 +67,71 @@ def tiny_coco(tmp_path_factory):
 
 def command_line(tiny_coco, output_dir, *extra):
     return [
-        "--config-file", str(CONFIG),
+        "--config-file",
+        str(CONFIG),
         *extra,
-        "MODEL.DEVICE", "cpu",
-        "MODEL.WEIGHTS", "",
+        "MODEL.DEVICE",
+        "cpu",
+        "MODEL.WEIGHTS",
+        "",
         # From scratch: BN (FrozenBN, the default for ImageNet-initialized
         # training, diverges), narrow layers and few RoIs for CPU speed.
-        "MODEL.RESNETS.NORM", "BN",
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
-        "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-        "MODEL.RESNETS.WIDTH_PER_GROUP", "16",
-        "MODEL.FPN.OUT_CHANNELS", "32",
-        "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
-        "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-        "MODEL.DCNV2.DEFORM_POOL.FC_DIM", "32",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "2",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
-        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+        "MODEL.RESNETS.NORM",
+        "BN",
+        "MODEL.RESNETS.STEM_OUT_CHANNELS",
+        "16",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        "64",
+        "MODEL.RESNETS.WIDTH_PER_GROUP",
+        "16",
+        "MODEL.FPN.OUT_CHANNELS",
+        "32",
+        "MODEL.ROI_MASK_HEAD.CONV_DIM",
+        "32",
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        "64",
+        "MODEL.DCNV2.DEFORM_POOL.FC_DIM",
+        "32",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "2",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "16",
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+        "64",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "32",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "32",
         # An untrained model's scores are low; keep its detections so that
         # COCO evaluation has predictions to score.
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "DATASETS.TRAIN", f"('{tiny_coco}',)",
-        "DATASETS.TEST", f"('{tiny_coco}',)",
-        "INPUT.MIN_SIZE_TRAIN", f"({IMAGE_HEIGHT},)",
-        "INPUT.MAX_SIZE_TRAIN", str(IMAGE_WIDTH),
-        "INPUT.MIN_SIZE_TEST", str(IMAGE_HEIGHT),
-        "INPUT.MAX_SIZE_TEST", str(IMAGE_WIDTH),
-        "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.BASE_LR", "0.001",
-        "SOLVER.MAX_ITER", "3",
-        "SOLVER.STEPS", "()",
-        "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "OUTPUT_DIR", str(output_dir),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "0.0",
+        "DATASETS.TRAIN",
+        f"('{tiny_coco}',)",
+        "DATASETS.TEST",
+        f"('{tiny_coco}',)",
+        "INPUT.MIN_SIZE_TRAIN",
+        f"({IMAGE_HEIGHT},)",
+        "INPUT.MAX_SIZE_TRAIN",
+        str(IMAGE_WIDTH),
+        "INPUT.MIN_SIZE_TEST",
+        str(IMAGE_HEIGHT),
+        "INPUT.MAX_SIZE_TEST",
+        str(IMAGE_WIDTH),
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.BASE_LR",
+        "0.001",
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1000",
+        "OUTPUT_DIR",
+        str(output_dir),
     ]
 
 

@@ -1,4 +1,5 @@
 """Sampling-point geometry of the visualization, and its hooks on real models."""
+
 import importlib.util
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
 import dcnv2_plugin
 from dcnv2_plugin.data import DEFAULT_PARAMS, SplitSpec
@@ -20,8 +23,6 @@ from dcnv2_plugin.visualization import (
     sampling_points_at,
 )
 from dcnv2_plugin.visualization.geometry import bilinear
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,9 @@ def conv(out_size=(10, 12), offset=None, mask=None, stride=1, padding=1, dilatio
     """A 3x3 deformable conv's geometry; zero offsets unless given."""
     if offset is None:
         offset = np.zeros((18,) + out_size)
-    return DeformableConvGeometry(offset, mask, (3, 3), (stride, stride), (padding, padding),
-                                  (dilation, dilation), input_stride)
+    return DeformableConvGeometry(
+        offset, mask, (3, 3), (stride, stride), (padding, padding), (dilation, dilation), input_stride
+    )
 
 
 def regular_grid(center, step):
@@ -153,8 +155,9 @@ def build(config: str):
     cfg = get_cfg()
     dcnv2_plugin.add_dcnv2_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "COCO-Detection" / config))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "64",
-                         "INPUT.MAX_SIZE_TEST", "64"])
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    )
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval()
 
@@ -219,11 +222,27 @@ def test_command_line_writes_both_pictures(dcnv2_model, tmp_path):
     spec = importlib.util.spec_from_file_location("visualize", REPO / "tools" / "visualize.py")
     visualize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(visualize)
-    visualize.main([
-        "--config-file", str(REPO / "configs" / "COCO-Detection" / "faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"),
-        "--weights", str(weights), "--input", str(image_path), "--output", str(tmp_path / "pictures"),
-        "--unit", "20", "30", "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    ])
+    visualize.main(
+        [
+            "--config-file",
+            str(REPO / "configs" / "COCO-Detection" / "faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"),
+            "--weights",
+            str(weights),
+            "--input",
+            str(image_path),
+            "--output",
+            str(tmp_path / "pictures"),
+            "--unit",
+            "20",
+            "30",
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "64",
+        ]
+    )
     for kind in ("sampling", "roi_bins"):
         picture = cv2.imread(str(tmp_path / "pictures" / f"shapes_{kind}.png"))
         assert picture is not None and picture.shape[0] > 100

@@ -15,6 +15,7 @@ DCNv2 model's sampling locations, drawn by tools/visualize.py).
     python tools/demo.py --output output/demo --models regular dcnv2 --seed 0 1
     python tools/demo.py --output /tmp/demo --quick    # a smoke test of the pipeline
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -31,22 +32,45 @@ from dcnv2_plugin.demo.scheduler import default_jobs  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="folder for the runs and the results")
-    parser.add_argument("--models", nargs="+", choices=list(DEMO_MODELS), default=list(DEMO_MODELS),
-                        help="models to train (default: all)")
-    parser.add_argument("--seed", nargs="+", type=int, default=[0], dest="seeds", metavar="SEED",
-                        help="one run per model and seed; with several, the table shows the spread")
-    parser.add_argument("--iters", type=int,
-                        help="training iterations per compared model (default: configs/demo/Base-Demo.yaml's)")
-    parser.add_argument("--start-iters", type=int,
-                        help="training iterations of the shared start (default: configs/demo/start.yaml's)")
-    parser.add_argument("--jobs", type=int, default=default_jobs(),
-                        help="runs trained side by side, the cores shared among them (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a few iterations on a handful of images: checks the pipeline, measures nothing")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(DEMO_MODELS),
+        default=list(DEMO_MODELS),
+        help="models to train (default: all)",
+    )
+    parser.add_argument(
+        "--seed",
+        nargs="+",
+        type=int,
+        default=[0],
+        dest="seeds",
+        metavar="SEED",
+        help="one run per model and seed; with several, the table shows the spread",
+    )
+    parser.add_argument(
+        "--iters", type=int, help="training iterations per compared model (default: configs/demo/Base-Demo.yaml's)"
+    )
+    parser.add_argument(
+        "--start-iters", type=int, help="training iterations of the shared start (default: configs/demo/start.yaml's)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="runs trained side by side, the cores shared among them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few iterations on a handful of images: checks the pipeline, measures nothing",
+    )
     args = parser.parse_args(argv)
     for name in ("iters", "start_iters"):
         if getattr(args, name) is not None and getattr(args, name) < 3:
-            parser.error(f"--{name.replace('_', '-')} must be at least 3 (detectron2 times iterations from the third on)")
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least 3 (detectron2 times iterations from the third on)"
+            )
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     return args
@@ -60,8 +84,13 @@ def main(argv=None):
         visualize=ROOT / "tools" / "visualize.py",
     )
     options = DemoOptions(
-        output=args.output, models=args.models, seeds=args.seeds, iters=args.iters, start_iters=args.start_iters,
-        quick=args.quick, jobs=args.jobs,
+        output=args.output,
+        models=args.models,
+        seeds=args.seeds,
+        iters=args.iters,
+        start_iters=args.start_iters,
+        quick=args.quick,
+        jobs=args.jobs,
     )
     return run_demo(options, paths)
 

@@ -16,6 +16,7 @@ with regular convs or pooling gets the regular grids, for comparison.
         --dataset dcnv2_shapes_val --num-images 4 --output pictures/
     python tools/visualize.py --config-file CONFIG --weights W --input a.jpg b.jpg --output pictures/
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -23,9 +24,16 @@ from pathlib import Path
 # Runs from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
 import dcnv2_plugin  # noqa: E402  (registers the models)
 import dcnv2_plugin.data  # noqa: E402,F401  (registers the embedded dataset's names)
-import torch  # noqa: E402
 from dcnv2_plugin.visualization import (  # noqa: E402
     last_layers,
     record_inference,
@@ -34,12 +42,6 @@ from dcnv2_plugin.visualization import (  # noqa: E402
     sampling_figure,
     sampling_points_at,
 )
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,8 +56,15 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=3, help="stacked deformable layers to follow back")
     parser.add_argument("--max-objects", type=int, default=3, help="detections drawn per image")
     parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--unit", nargs=2, type=float, action="append", default=[], metavar=("X", "Y"),
-                        help="also draw the unit at this image point (repeatable)")
+    parser.add_argument(
+        "--unit",
+        nargs=2,
+        type=float,
+        action="append",
+        default=[],
+        metavar=("X", "Y"),
+        help="also draw the unit at this image point (repeatable)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -107,8 +116,10 @@ def draw_image(cfg, model, path: Path, args, names):
 
     instances = record.instances[record.instances.scores >= args.score_threshold][: args.max_objects]
     boxes = instances.pred_boxes.tensor
-    labels = [f"{names[c] if names else c} {score:.2f}"
-              for c, score in zip(instances.pred_classes.tolist(), instances.scores.tolist())]
+    labels = [
+        f"{names[c] if names else c} {score:.2f}"
+        for c, score in zip(instances.pred_classes.tolist(), instances.scores.tolist())
+    ]
     scale = (image.shape[0] / original.shape[0], image.shape[1] / original.shape[1])
 
     stack = last_layers(record.convs, args.layers)
@@ -126,8 +137,9 @@ def draw_image(cfg, model, path: Path, args, names):
     pooling = f"{'deformable' if bins.deformable else 'regular'} RoI pooling ({cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE})"
     if not labels:
         pooling += f", nothing detected with score >= {args.score_threshold}"
-    bins_figure = roi_bins_figure(rgb, boxes.numpy(), labels, bins.regular, bins.shifted, bins.modulation,
-                                  f"{path.name}: {pooling}")
+    bins_figure = roi_bins_figure(
+        rgb, boxes.numpy(), labels, bins.regular, bins.shifted, bins.modulation, f"{path.name}: {pooling}"
+    )
     return sampling, bins_figure
 
 

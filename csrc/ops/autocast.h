@@ -14,8 +14,7 @@ namespace ops {
 
 template <c10::DispatchKey autocast_key>
 at::ScalarType autocast_compute_dtype() {
-  return autocast_key == c10::DispatchKey::AutocastCUDA ? at::autocast::get_autocast_dtype(at::kCUDA)
-                                                        : at::kFloat;
+  return autocast_key == c10::DispatchKey::AutocastCUDA ? at::autocast::get_autocast_dtype(at::kCUDA) : at::kFloat;
 }
 
 inline at::Tensor autocast_cast(const at::Tensor& t, at::ScalarType dtype) {

@@ -29,19 +29,9 @@ namespace {
 
 template <c10::DispatchKey autocast_key>
 at::Tensor deform_conv2d_autocast(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dcnv2::deform_conv2d", "")
@@ -49,8 +39,8 @@ at::Tensor deform_conv2d_autocast(
   const auto dtype = autocast_compute_dtype<autocast_key>();
   return op.call(
       autocast_cast(input, dtype), autocast_cast(weight, dtype), autocast_cast(offset, dtype),
-      autocast_cast(mask, dtype), autocast_cast(bias, dtype), stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, groups, offset_groups);
+      autocast_cast(mask, dtype), autocast_cast(bias, dtype), stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+      groups, offset_groups);
 }
 
 }  // namespace

@@ -27,18 +27,9 @@ struct ConvGeometry {
 };
 
 inline ConvGeometry check_and_make_geometry(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
+    int64_t groups, int64_t offset_groups) {
   TORCH_CHECK(input.dim() == 4, "deform_conv2d: input must be 4-D, got ", input.dim(), "-D");
   TORCH_CHECK(
       weight.device() == input.device() && offset.device() == input.device() &&
@@ -70,9 +61,8 @@ inline ConvGeometry check_and_make_geometry(
   g.out_w = (g.width + 2 * pad_w - (dilation_w * (g.kernel_w - 1) + 1)) / stride_w + 1;
   TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "deform_conv2d: the output would be empty");
   TORCH_CHECK(
-      g.channels % groups == 0 && weight.size(1) * groups == g.channels,
-      "deform_conv2d: weight has ", weight.size(1), " input channels per group; input has ", g.channels,
-      " channels and groups=", groups);
+      g.channels % groups == 0 && weight.size(1) * groups == g.channels, "deform_conv2d: weight has ", weight.size(1),
+      " input channels per group; input has ", g.channels, " channels and groups=", groups);
   TORCH_CHECK(g.out_channels % groups == 0, "deform_conv2d: out_channels must be divisible by groups");
   TORCH_CHECK(g.channels % offset_groups == 0, "deform_conv2d: in_channels must be divisible by offset_groups");
   check_shape(offset, {g.batch, 2 * offset_groups * g.kernel_points(), g.out_h, g.out_w}, "deform_conv2d: offset");

@@ -28,15 +28,9 @@ namespace {
 
 template <c10::DispatchKey autocast_key>
 at::Tensor deform_roi_pool_autocast(
-    const at::Tensor& input,
-    const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset,
-    const std::optional<at::Tensor>& mask,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& mask, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    int64_t sampling_ratio, double gamma) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dcnv2::deform_roi_pool", "")
@@ -45,8 +39,8 @@ at::Tensor deform_roi_pool_autocast(
   // cheap next to the convolutions: it runs in float32, like RoIAlign.
   const auto dtype = at::kFloat;
   return op.call(
-      autocast_cast(input, dtype), autocast_cast(rois, dtype), autocast_cast(offset, dtype),
-      autocast_cast(mask, dtype), pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
+      autocast_cast(input, dtype), autocast_cast(rois, dtype), autocast_cast(offset, dtype), autocast_cast(mask, dtype),
+      pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
 }
 
 }  // namespace

@@ -21,15 +21,9 @@ struct PoolGeometry {
 };
 
 inline PoolGeometry check_and_make_geometry(
-    const at::Tensor& input,
-    const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset,
-    const std::optional<at::Tensor>& mask,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& mask, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    int64_t sampling_ratio, double gamma) {
   TORCH_CHECK(input.dim() == 4, "deform_roi_pool: input must be 4-D, got ", input.dim(), "-D");
   TORCH_CHECK(
       rois.device() == input.device() && (!offset.has_value() || offset->device() == input.device()) &&

@@ -111,7 +111,7 @@ C10_HOST_DEVICE inline void roi_align_taps(T y, T x, int64_t height, int64_t wid
 template <typename T, typename V>
 C10_HOST_DEVICE inline T gather(const T* weights, const int32_t* index, const V* x) {
   return weights[0] * T(x[index[0]]) + weights[1] * T(x[index[1]]) + weights[2] * T(x[index[2]]) +
-      weights[3] * T(x[index[3]]);
+         weights[3] * T(x[index[3]]);
 }
 
 // Where one RoI samples (aligned=True): its box in feature coordinates and

@@ -5,6 +5,7 @@ in detectron2's catalogs; their images are generated on first use (see
 `register`). Real datasets are registered the usual detectron2 way and work
 alongside.
 """
+
 from .generate import default_root, ensure_split
 from .params import DEFAULT_PARAMS, DEFAULT_SPLITS, ShapesParams, SplitSpec
 from .register import DEFAULT_NAME_PREFIX, register_shapes_dataset

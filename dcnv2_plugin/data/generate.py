@@ -8,6 +8,7 @@ depend on generation order, and two runs write byte-identical files.
 
 Command line: python -m dcnv2_plugin.data.generate --output DIR
 """
+
 import argparse
 import json
 import logging
@@ -145,12 +146,20 @@ def ensure_split(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=None,
-                        help=f"dataset root (default: ${DATASETS_ENV} or ~/.cache/dcnv2_plugin/datasets)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"dataset root (default: ${DATASETS_ENV} or ~/.cache/dcnv2_plugin/datasets)",
+    )
     parser.add_argument("--train-images", type=int, default=DEFAULT_SPLITS["train"].num_images)
     parser.add_argument("--val-images", type=int, default=DEFAULT_SPLITS["val"].num_images)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="train images use seed 2*SEED and val images 2*SEED+1, so the splits never share images")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="train images use seed 2*SEED and val images 2*SEED+1, so the splits never share images",
+    )
     parser.add_argument("--image-size", type=int, default=DEFAULT_PARAMS.image_size)
     args = parser.parse_args(argv)
 

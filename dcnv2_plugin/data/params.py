@@ -4,6 +4,7 @@ A split's cache folder is named by a hash of these values (and of
 GENERATOR_VERSION), so changing any of them generates a new dataset instead of
 silently reusing an old one.
 """
+
 import dataclasses
 import hashlib
 import json

@@ -6,6 +6,7 @@ images are generated the first time a split's dicts are asked for
 The metadata is what `register_coco_instances` records (json_file,
 image_root, evaluator_type="coco"), so COCOEvaluator works unchanged.
 """
+
 import functools
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional

@@ -7,6 +7,7 @@ otherwise another position is tried, and after `placement_attempts` failures
 the object is left out. So every object in the image is annotated, and no
 annotation is a sliver.
 """
+
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -43,8 +44,9 @@ def _background(rng: np.random.Generator, params: ShapesParams) -> Tuple[np.ndar
     size = params.image_size
     luminance = rng.uniform(70.0, 185.0)
     tint = rng.normal(0.0, 20.0, 3)
-    shading = cv2.resize(rng.normal(0.0, 18.0, (3, 3, 3)).astype(np.float32), (size, size),
-                         interpolation=cv2.INTER_CUBIC)
+    shading = cv2.resize(
+        rng.normal(0.0, 18.0, (3, 3, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     grain = cv2.GaussianBlur(rng.normal(0.0, 10.0, (size, size)).astype(np.float32), (0, 0), 1.0)
     image = luminance + (tint - tint.mean()) + shading + grain[..., None]
     canvas = np.clip(image, 0, 255).astype(np.uint8)
@@ -62,8 +64,17 @@ def _background(rng: np.random.Generator, params: ShapesParams) -> Tuple[np.ndar
             center = tuple(rng.uniform(0, size, 2).round().astype(int))
             axes = tuple(rng.uniform(4, 24, 2).round().astype(int))
             start_angle = rng.uniform(0, 360)
-            cv2.ellipse(canvas, center, axes, rng.uniform(0, 180), start_angle,
-                        start_angle + rng.uniform(60, 270), color, 1, cv2.LINE_AA)
+            cv2.ellipse(
+                canvas,
+                center,
+                axes,
+                rng.uniform(0, 180),
+                start_angle,
+                start_angle + rng.uniform(60, 270),
+                color,
+                1,
+                cv2.LINE_AA,
+            )
         else:
             steps = rng.uniform(-22, 22, (int(rng.integers(2, 5)), 2))
             points = np.cumsum(np.vstack([rng.uniform(0, size, (1, 2)), steps]), 0)
@@ -99,7 +110,7 @@ def _paste(patch: np.ndarray, center: np.ndarray, size: int) -> np.ndarray:
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + width, size), min(top + height, size)
     if x0 < x1 and y0 < y1:
-        canvas[y0:y1, x0:x1] = patch[y0 - top: y1 - top, x0 - left: x1 - left]
+        canvas[y0:y1, x0:x1] = patch[y0 - top : y1 - top, x0 - left : x1 - left]
     return canvas
 
 

@@ -6,6 +6,7 @@ made of bars, a ring and a crescent are both round), so telling them apart
 under rotation, shear and warps takes a model of the geometry, not a local
 texture cue. No class is a rotated or mirrored copy of another.
 """
+
 from functools import lru_cache
 from typing import Callable, Dict
 
@@ -36,14 +37,27 @@ def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
 
 def _arrow() -> np.ndarray:
     # Shaft on the left, triangular head on the right.
-    return _polygon([(0.05, 0.39), (0.55, 0.39), (0.55, 0.18), (0.95, 0.5),
-                     (0.55, 0.82), (0.55, 0.61), (0.05, 0.61)])
+    return _polygon([(0.05, 0.39), (0.55, 0.39), (0.55, 0.18), (0.95, 0.5), (0.55, 0.82), (0.55, 0.61), (0.05, 0.61)])
 
 
 def _cross() -> np.ndarray:
     a, b = 0.38, 0.62
-    return _polygon([(a, 0.05), (b, 0.05), (b, a), (0.95, a), (0.95, b), (b, b),
-                     (b, 0.95), (a, 0.95), (a, b), (0.05, b), (0.05, a), (a, a)])
+    return _polygon(
+        [
+            (a, 0.05),
+            (b, 0.05),
+            (b, a),
+            (0.95, a),
+            (0.95, b),
+            (b, b),
+            (b, 0.95),
+            (a, 0.95),
+            (a, b),
+            (0.05, b),
+            (0.05, a),
+            (a, a),
+        ]
+    )
 
 
 def _triangle() -> np.ndarray:
@@ -54,8 +68,7 @@ def _discs(outer: float, inner: float, inner_shift: float) -> np.ndarray:
     canvas = np.zeros((_DRAW_SIZE, _DRAW_SIZE), np.uint8)
     center = _DRAW_SIZE // 2
     cv2.circle(canvas, (center, center), int(outer * _DRAW_SIZE), 255, -1, cv2.LINE_AA)
-    cv2.circle(canvas, (center + int(inner_shift * _DRAW_SIZE), center), int(inner * _DRAW_SIZE), 0, -1,
-               cv2.LINE_AA)
+    cv2.circle(canvas, (center + int(inner_shift * _DRAW_SIZE), center), int(inner * _DRAW_SIZE), 0, -1, cv2.LINE_AA)
     return canvas
 
 
@@ -93,12 +106,12 @@ CLASS_NAMES = tuple(_DRAWERS)
 def _normalize(drawing: np.ndarray) -> np.ndarray:
     """Centers the shape's tight box in a square template, longer side = TEMPLATE_SPAN."""
     ys, xs = np.nonzero(drawing)
-    crop = drawing[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    crop = drawing[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     height, width = crop.shape
     side = int(round(max(height, width) / TEMPLATE_SPAN))
     square = np.zeros((side, side), np.uint8)
     top, left = (side - height) // 2, (side - width) // 2
-    square[top: top + height, left: left + width] = crop
+    square[top : top + height, left : left + width] = crop
     return cv2.resize(square, (TEMPLATE_SIZE, TEMPLATE_SIZE), interpolation=cv2.INTER_AREA)
 
 

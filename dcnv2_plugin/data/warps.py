@@ -5,6 +5,7 @@ term (a homography), and a smooth random displacement field (non-rigid). All
 of them are applied in one resampling of the template, backwards: every output
 pixel looks up where it comes from in the template.
 """
+
 from dataclasses import dataclass
 
 import cv2
@@ -46,8 +47,11 @@ def sample_warp(rng: np.random.Generator, params: ShapesParams) -> Warp:
     low, high = params.object_size
     # Random sign per term and a random split of the perspective budget.
     perspective_share = rng.uniform(0.0, 1.0)
-    perspective = rng.uniform(0.0, params.max_perspective) * np.array(
-        [perspective_share, 1.0 - perspective_share]) * rng.choice([-1.0, 1.0], size=2)
+    perspective = (
+        rng.uniform(0.0, params.max_perspective)
+        * np.array([perspective_share, 1.0 - perspective_share])
+        * rng.choice([-1.0, 1.0], size=2)
+    )
     grid = params.elastic_grid
     return Warp(
         size=float(np.exp(rng.uniform(np.log(low), np.log(high)))),

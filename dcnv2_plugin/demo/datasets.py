@@ -4,6 +4,7 @@ The full demo uses the embedded dataset's default splits. The quick demo
 (a smoke test of the pipeline) registers a handful of images of its own under
 another name, so it never generates the full splits.
 """
+
 from dataclasses import dataclass
 
 from ..data import DEFAULT_DATASET_NAMES, SplitSpec, register_shapes_dataset

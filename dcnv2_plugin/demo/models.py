@@ -1,4 +1,5 @@
 """The models the demo compares, each a config file in configs/demo/."""
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict

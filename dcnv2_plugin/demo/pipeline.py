@@ -10,6 +10,7 @@
 
 Then the table, the loss plot and the pictures.
 """
+
 import hashlib
 import os
 import shutil
@@ -24,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .datasets import DemoDatasets, register_demo_datasets
 from .models import DEMO_MODELS, DemoModel, load_config
-from .report import Run, markdown_table, plot_losses, run_measurements, summarize, write_report
+from .report import Run, plot_losses, run_measurements, summarize, write_report
 from .scheduler import default_jobs, log, minutes, run_all
 from .training import RunSpec
 
@@ -121,14 +122,18 @@ def _train_start(options: DemoOptions, paths: DemoPaths, datasets: DemoDatasets,
     key = start_key(config_file, opts, datasets)
     key_file = run.output_dir / "start.key"
     if (run.output_dir / "model_final.pth").is_file() and key_file.is_file() and key_file.read_text() == key:
-        log(f"step 1/2: reusing the shared start in {run.output_dir}, trained by an earlier demo with the same "
-            "config and data (delete that folder to train it again)")
+        log(
+            f"step 1/2: reusing the shared start in {run.output_dir}, trained by an earlier demo with the same "
+            "config and data (delete that folder to train it again)"
+        )
         return run, iters
     shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
     threads = os.cpu_count() or 1  # nothing else runs meanwhile
     spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net, threads)
-    log(f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
-        f"with {threads} torch thread(s)")
+    log(
+        f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
+        f"with {threads} torch thread(s)"
+    )
     run_all([(START.title, run, spec)], 1, iters, options.progress_seconds)
     key_file.write_text(key)
     return run, iters
@@ -187,8 +192,10 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
             queue.append((f"{model.title}, seed {seed}", run, spec))
     # The longest runs first: side by side, the last ones then end together.
     queue.sort(key=lambda item: -item[1].model.relative_cost)
-    log(f"step 2/2: training {len(queue)} runs of {iters} iterations from the shared start, {options.jobs} at a "
-        f"time with {threads} torch thread(s) each; progress every {options.progress_seconds:g} s")
+    log(
+        f"step 2/2: training {len(queue)} runs of {iters} iterations from the shared start, {options.jobs} at a "
+        f"time with {threads} torch thread(s) each; progress every {options.progress_seconds:g} s"
+    )
     run_all(queue, options.jobs, iters, options.progress_seconds)
 
     summary = summarize(runs)
@@ -214,6 +221,8 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     }
     report_paths = write_report(summary, details, output)
     print("\n" + report_paths["markdown"].read_text())
-    log(f"finished in {minutes(wall_seconds)}; outputs in {output}: {report_paths['markdown'].name}, "
-        f"{report_paths['json'].name}, losses.png" + (", pictures/" if picture_runs else ""))
+    log(
+        f"finished in {minutes(wall_seconds)}; outputs in {output}: {report_paths['markdown'].name}, "
+        f"{report_paths['json'].name}, losses.png" + (", pictures/" if picture_runs else "")
+    )
     return {**details, "models": summary}

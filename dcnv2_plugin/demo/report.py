@@ -4,6 +4,7 @@ Each run folder holds what detectron2 wrote: config.yaml, and metrics.json
 with the losses, the iteration times and the evaluation results. A model's
 row aggregates its runs, one per seed.
 """
+
 import json
 import math
 import statistics
@@ -97,12 +98,14 @@ def summarize(runs: Sequence[Run]) -> List[Dict]:
     for model_runs in by_model.values():
         per_seed = [run_measurements(run) for run in model_runs]
         keys = [key for key in per_seed[0] if key != "seed"]
-        summary.append({
-            "name": model_runs[0].model.name,
-            "title": model_runs[0].model.title,
-            "runs": per_seed,
-            **{key: _aggregate([m.get(key) for m in per_seed]) for key in keys},
-        })
+        summary.append(
+            {
+                "name": model_runs[0].model.name,
+                "title": model_runs[0].model.title,
+                "runs": per_seed,
+                **{key: _aggregate([m.get(key) for m in per_seed]) for key in keys},
+            }
+        )
     return summary
 
 
@@ -119,8 +122,12 @@ def markdown_table(summary: Sequence[Dict]) -> str:
     """The table: APs in percent, parameters in millions, times in seconds
     per training iteration and milliseconds per test image. With several
     seeds a cell reads "mean ± half the range"."""
-    ap_columns = [f"{label}_{metric}" for label in TASKS.values() for metric in AP_METRICS
-                  if any(f"{label}_{metric}" in row for row in summary)]
+    ap_columns = [
+        f"{label}_{metric}"
+        for label in TASKS.values()
+        for metric in AP_METRICS
+        if any(f"{label}_{metric}" in row for row in summary)
+    ]
     columns = [(key, key.replace("_", " "), 1.0, 1) for key in ap_columns] + [
         ("parameters", "params (M)", 1e-6, 2),
         ("train_seconds_per_iter", "train s/iter", 1.0, 2),
@@ -168,11 +175,14 @@ def plot_losses(runs: Sequence[Run], path: Path) -> None:
 def start_note(details: Dict) -> str:
     """The sentence under the table on where every model started."""
     start = details["start"]
-    aps = ", ".join(f"{label} AP {start[f'{label}_AP']:.1f}" for label in TASKS.values()
-                    if start.get(f"{label}_AP") is not None)
-    return (f"Every model starts from the shared start, the regular detector after {details['start_iterations']} "
-            f"iterations ({aps or 'no AP'}), and trains {details['iterations']} iterations more; "
-            f"{details['runs_at_once']} run(s) at a time, {details['torch_threads_per_run']} torch thread(s) each.\n")
+    aps = ", ".join(
+        f"{label} AP {start[f'{label}_AP']:.1f}" for label in TASKS.values() if start.get(f"{label}_AP") is not None
+    )
+    return (
+        f"Every model starts from the shared start, the regular detector after {details['start_iterations']} "
+        f"iterations ({aps or 'no AP'}), and trains {details['iterations']} iterations more; "
+        f"{details['runs_at_once']} run(s) at a time, {details['torch_threads_per_run']} torch thread(s) each.\n"
+    )
 
 
 def write_report(summary: Sequence[Dict], details: Dict, output: Path) -> Dict[str, Path]:

@@ -1,5 +1,6 @@
 """Runs demo trainings in processes of their own, several side by side, and
 reports their progress from the metrics detectron2 writes."""
+
 import multiprocessing
 import os
 import sys
@@ -56,8 +57,10 @@ def _progress(active: _ActiveRun) -> str:
     if not lines:
         return f"{active.label}: starting ({elapsed})"
     last = lines[-1]
-    return (f"{active.label}: iter {last['iteration'] + 1}/{active.iters}, total_loss {last['total_loss']:.3f}, "
-            f"{last.get('time', float('nan')):.2f} s/iter ({elapsed})")
+    return (
+        f"{active.label}: iter {last['iteration'] + 1}/{active.iters}, total_loss {last['total_loss']:.3f}, "
+        f"{last.get('time', float('nan')):.2f} s/iter ({elapsed})"
+    )
 
 
 def _start(label: str, run: Run, spec: RunSpec, iters: int) -> _ActiveRun:
@@ -105,5 +108,3 @@ def run_all(queue: List[Tuple[str, Run, RunSpec]], jobs: int, iters: int, progre
         for a in active:  # only after a failure
             a.process.terminate()
             a.process.join()
-
-

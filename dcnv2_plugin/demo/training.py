@@ -2,6 +2,7 @@
 trains with train_net.py's Trainer, which then evaluates with its
 COCOEvaluator; the demo also times the model's forward pass on each test
 image."""
+
 import importlib.util
 import os
 import sys
@@ -11,9 +12,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
-from torch import nn
-
 from detectron2.engine import default_argument_parser
+from torch import nn
 
 from .datasets import register_demo_datasets
 

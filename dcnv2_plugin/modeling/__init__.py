@@ -1,6 +1,7 @@
 """Model components; importing this registers them in detectron2's registries:
 backbones `build_dcnv2_resnet_backbone` and `build_dcnv2_resnet_fpn_backbone`,
 ROI heads `DCNv2ROIHeads`, meta-architecture `MimicRCNN`."""
+
 from .backbone import (
     DeformBasicBlock,
     DeformBottleneckBlock,

@@ -1,4 +1,5 @@
 """Layers shared by the deformable backbone blocks and heads."""
+
 from typing import Optional
 
 import torch

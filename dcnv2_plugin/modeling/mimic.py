@@ -9,17 +9,17 @@ crop alone. Inference is unchanged: the branch only adds training losses.
 `MimicRCNN` is the meta-architecture that runs it: the ROI heads never see
 the backbone, which the R-CNN branch needs for the crops.
 """
+
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
 from .mimic_sampling import crop_and_resize, sample_positive_rois
 

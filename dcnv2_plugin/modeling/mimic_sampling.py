@@ -1,13 +1,13 @@
 """The RoIs that R-CNN feature mimicking learns from, and their image crops
 (DCNv2 paper, Sec. 3.3)."""
+
 from typing import List
 
 import torch
-from torchvision.ops import roi_align
-
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes, Instances
+from torchvision.ops import roi_align
 
 
 def sample_positive_rois(proposals: List[Instances], num_classes: int, max_per_image: int) -> List[Instances]:
@@ -25,10 +25,7 @@ def sample_positive_rois(proposals: List[Instances], num_classes: int, max_per_i
             ignored = -1).
     """
     foreground, _ = select_foreground_proposals(proposals, bg_label=num_classes)
-    return [
-        rois[torch.randperm(len(rois), device=rois.gt_classes.device)[:max_per_image]]
-        for rois in foreground
-    ]
+    return [rois[torch.randperm(len(rois), device=rois.gt_classes.device)[:max_per_image]] for rois in foreground]
 
 
 def crop_and_resize(images: torch.Tensor, boxes: List[Boxes], size: int) -> torch.Tensor:

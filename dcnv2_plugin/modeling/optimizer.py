@@ -1,6 +1,7 @@
 """The optimizer: detectron2's default, with the geometry predictors (offset
 and modulation layers, the spatial transformer's localization net) at
 MODEL.DCNV2.OFFSET_LR_FACTOR times the learning rate (DCNv2, Sec. 3.2)."""
+
 from typing import Any, Dict, List, Set
 
 import torch

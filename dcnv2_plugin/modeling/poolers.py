@@ -4,6 +4,7 @@ detectron2's `ROIPooler` knows only its own pooler types; `DeformableROIPooler`
 subclasses it and adds "DeformRoIPool" (DCNv1 dpool) and
 "ModulatedDeformRoIPool" (DCNv2 mdpool).
 """
+
 from typing import List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init

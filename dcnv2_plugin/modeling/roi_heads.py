@@ -5,6 +5,7 @@ detectron2's pooler types, MODEL.ROI_BOX_HEAD.POOLER_TYPE and
 MODEL.ROI_MASK_HEAD.POOLER_TYPE accept "DeformRoIPool" (DCNv1) and
 "ModulatedDeformRoIPool" (DCNv2); everything else is `StandardROIHeads`.
 """
+
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, StandardROIHeads
 
 from .poolers import DEFORMABLE_POOLER_TYPES, DeformableROIPooler, check_pooler_type

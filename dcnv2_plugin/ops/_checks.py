@@ -1,5 +1,6 @@
 """Argument checks shared by the operator wrappers: each error names the
 argument at fault, before any kernel runs."""
+
 from typing import Optional
 
 import torch
@@ -37,8 +38,7 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         supported = supported + (torch.float16, torch.bfloat16)
     if t.dtype not in supported:
         raise TypeError(
-            f"{name} has dtype {t.dtype}; supported on {t.device.type}: "
-            + ", ".join(str(d) for d in supported)
+            f"{name} has dtype {t.dtype}; supported on {t.device.type}: " + ", ".join(str(d) for d in supported)
         )
 
 

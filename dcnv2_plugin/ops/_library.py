@@ -6,6 +6,7 @@ the dispatcher needs on top: the backward formulas (each a call of the
 matching `_backward` operator) and the fake kernels that tell torch.compile
 and FakeTensor the output shapes without running anything.
 """
+
 import torch
 
 try:
@@ -24,16 +25,31 @@ _ops = torch.ops.dcnv2
 
 # ---------------------------------------------------------------- deform_conv2d
 @torch.library.register_fake("dcnv2::deform_conv2d")
-def _deform_conv2d_fake(input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
-                        dilation_h, dilation_w, groups, offset_groups):
+def _deform_conv2d_fake(
+    input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups
+):
     out_h = conv_output_size(input.shape[2], pad_h, dilation_h, weight.shape[2], stride_h)
     out_w = conv_output_size(input.shape[3], pad_w, dilation_w, weight.shape[3], stride_w)
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 
 @torch.library.register_fake("dcnv2::_deform_conv2d_backward")
-def _deform_conv2d_backward_fake(grad, input, weight, offset, mask, bias, stride_h, stride_w,
-                                 pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups):
+def _deform_conv2d_backward_fake(
+    grad,
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    groups,
+    offset_groups,
+):
     grad_mask = torch.empty_like(mask) if mask is not None else input.new_empty((0,))
     return (
         torch.empty_like(input),
@@ -71,14 +87,14 @@ torch.library.register_autograd(
 
 # -------------------------------------------------------------- deform_roi_pool
 @torch.library.register_fake("dcnv2::deform_roi_pool")
-def _deform_roi_pool_fake(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale,
-                          sampling_ratio, gamma):
+def _deform_roi_pool_fake(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
 @torch.library.register_fake("dcnv2::_deform_roi_pool_backward")
-def _deform_roi_pool_backward_fake(grad, input, rois, offset, mask, pooled_height, pooled_width,
-                                   spatial_scale, sampling_ratio, gamma):
+def _deform_roi_pool_backward_fake(
+    grad, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma
+):
     empty = input.new_empty((0,))
     return (
         torch.empty_like(input),
@@ -95,9 +111,7 @@ def _deform_roi_pool_setup_context(ctx, inputs, output):
 
 def _deform_roi_pool_backward(ctx, grad):
     input, rois, offset, mask = ctx.saved_tensors
-    grad_input, grad_offset, grad_mask = _ops._deform_roi_pool_backward(
-        grad, input, rois, offset, mask, *ctx.pool_args
-    )
+    grad_input, grad_offset, grad_mask = _ops._deform_roi_pool_backward(grad, input, rois, offset, mask, *ctx.pool_args)
     return (
         grad_input,
         None,  # RoI coordinates get no gradient, as in RoIAlign

@@ -5,6 +5,7 @@
 `deform_conv2d` takes the same arguments, layouts and semantics as
 `torchvision.ops.deform_conv2d`; with mask=None it is DCNv1.
 """
+
 import math
 from typing import Optional, Tuple, Union
 
@@ -78,8 +79,7 @@ def deform_conv2d(
     offset_groups = offset.shape[1] // (2 * kh * kw)
     if in_channels % offset_groups != 0:
         raise ValueError(
-            f"offset implies {offset_groups} offset groups, which does not divide input's "
-            f"{in_channels} channels"
+            f"offset implies {offset_groups} offset groups, which does not divide input's {in_channels} channels"
         )
     out_h = conv_output_size(height, pad_h, dil_h, kh, stride_h)
     out_w = conv_output_size(width, pad_w, dil_w, kw, stride_w)
@@ -102,8 +102,19 @@ def deform_conv2d(
         raise ValueError(f"bias must have {out_channels} elements, got {bias.shape[0]}")
 
     return _library._ops.deform_conv2d(
-        input, weight, offset, mask, bias,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, offset_groups,
+        input,
+        weight,
+        offset,
+        mask,
+        bias,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dil_h,
+        dil_w,
+        groups,
+        offset_groups,
     )
 
 
@@ -132,7 +143,9 @@ class ModulatedDeformConv2d(nn.Module):
     ):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}")
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
+            )
         if in_channels % offset_groups:
             raise ValueError(f"in_channels={in_channels} must be divisible by offset_groups={offset_groups}")
         self.kernel_size = pair("kernel_size", kernel_size)
@@ -148,8 +161,13 @@ class ModulatedDeformConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         per_point = 3 if modulated else 2
         self.conv_offset = nn.Conv2d(
-            in_channels, offset_groups * per_point * kh * kw, self.kernel_size,
-            stride=self.stride, padding=self.padding, dilation=self.dilation, bias=True,
+            in_channels,
+            offset_groups * per_point * kh * kw,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
         )
         self.reset_parameters()
 

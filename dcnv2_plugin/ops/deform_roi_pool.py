@@ -7,6 +7,7 @@ aligned=True, i.e. Detectron2's ROIAlignV2), after shifting the whole bin by
 dp_k = gamma * offset_k * (roi width, roi height) and scaling it by dm_k.
 With offset=None (or zero) and mask=None it *is* RoIAlignV2.
 """
+
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -69,7 +70,9 @@ def deform_roi_pool(
     if offset is not None:
         check_rank("offset", offset, 4, "[K, 2, ph, pw]")
         if tuple(offset.shape) != (num_rois, 2, ph, pw):
-            raise ValueError(f"offset must have shape [{num_rois}, 2, {ph}, {pw}] (K, (dx, dy), ph, pw), got {tuple(offset.shape)}")
+            raise ValueError(
+                f"offset must have shape [{num_rois}, 2, {ph}, {pw}] (K, (dx, dy), ph, pw), got {tuple(offset.shape)}"
+            )
     if mask is not None:
         check_rank("mask", mask, 4, "[K, 1, ph, pw]")
         if tuple(mask.shape) != (num_rois, 1, ph, pw):
@@ -96,8 +99,14 @@ class DeformRoIPool(nn.Module):
         if isinstance(rois, torch.Tensor):
             rois = rois.to(input.dtype)
         return deform_roi_pool(
-            input, rois, offset, mask, output_size=self.output_size, spatial_scale=self.spatial_scale,
-            sampling_ratio=self.sampling_ratio, gamma=self.gamma,
+            input,
+            rois,
+            offset,
+            mask,
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            gamma=self.gamma,
         )
 
     def extra_repr(self) -> str:

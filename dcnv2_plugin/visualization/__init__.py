@@ -1,6 +1,7 @@
 """Pictures of deformable sampling (the DCNv1/DCNv2 papers' figures): the
 sampling points of a unit through stacked deformable convs, and the bins of
 deformable RoI pooling. `tools/visualize.py` is the command line."""
+
 from .capture import (
     BlockConvRecorder,
     InferenceRecord,

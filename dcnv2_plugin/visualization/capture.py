@@ -9,6 +9,7 @@ regular ones (whose offsets are zero):
 - the box head's pooler: a deformable one has an `offset_predictor` that
   returns (offset, mask) per RoI.
 """
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -157,8 +158,9 @@ class RoIBins:
 
 
 @torch.no_grad()
-def roi_pooling_bins(roi_heads: nn.Module, features: Dict[str, torch.Tensor], boxes: torch.Tensor,
-                     gamma: float) -> RoIBins:
+def roi_pooling_bins(
+    roi_heads: nn.Module, features: Dict[str, torch.Tensor], boxes: torch.Tensor, gamma: float
+) -> RoIBins:
     """Bins of the box head's pooler for `boxes` [R, 4] (network input coordinates).
 
     Pools the boxes once more, recording the offsets and modulation that a

@@ -4,9 +4,11 @@ Points are coloured by their weight (the modulation, or its product along a
 path through stacked layers), on a scale from 0 to the figure's largest
 weight, and drawn weakest first so the strongest stay visible.
 """
+
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+
 # Figures are built without pyplot: no global state, no display backend.
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -25,8 +27,17 @@ def _image_axes(ax, image: np.ndarray, title: str) -> None:
 
 def _weighted_scatter(ax, yx: np.ndarray, weights: np.ndarray, vmax: float, size: float):
     order = np.argsort(weights, kind="stable")
-    return ax.scatter(yx[order, 1], yx[order, 0], c=weights[order], cmap=_COLORMAP, vmin=0.0, vmax=vmax,
-                      s=size, linewidths=0, alpha=0.85)
+    return ax.scatter(
+        yx[order, 1],
+        yx[order, 0],
+        c=weights[order],
+        cmap=_COLORMAP,
+        vmin=0.0,
+        vmax=vmax,
+        s=size,
+        linewidths=0,
+        alpha=0.85,
+    )
 
 
 def sampling_figure(
@@ -77,8 +88,9 @@ def roi_bins_figure(
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="cyan", linewidth=1.2))
         ax.text(x1 - 0.5, y1 - 1.5, label, color="cyan", fontsize=7, va="bottom")
     start, end = regular.reshape(-1, 2), shifted.reshape(-1, 2)
-    ax.plot(np.stack([start[:, 1], end[:, 1]]), np.stack([start[:, 0], end[:, 0]]), color="white", linewidth=0.5,
-            alpha=0.7)
+    ax.plot(
+        np.stack([start[:, 1], end[:, 1]]), np.stack([start[:, 0], end[:, 0]]), color="white", linewidth=0.5, alpha=0.7
+    )
     ax.scatter(start[:, 1], start[:, 0], color="white", s=3, linewidths=0)
     if weights is None:
         ax.scatter(end[:, 1], end[:, 0], color="red", s=10, linewidths=0)

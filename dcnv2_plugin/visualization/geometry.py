@@ -6,6 +6,7 @@ feature map with stride S is centered at S * i: a k x k conv with stride s
 and padding (k - 1) / 2, or a 1x1 conv with stride s, centers its output i
 on input s * i, and ResNet is built from those.
 """
+
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 

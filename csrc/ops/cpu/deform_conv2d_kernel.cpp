@@ -219,22 +219,11 @@ void forward_tile(
 }
 
 at::Tensor deform_conv2d_forward_kernel(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_,
-    const std::optional<at::Tensor>& bias,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
+    const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
-      offset_groups);
+      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0) {
     return output;
@@ -306,9 +295,8 @@ DCNV2_VECTOR_CLONES void scatter_patches(
 // / the sample itself.
 template <typename T>
 DCNV2_VECTOR_CLONES void offset_and_mask_grads(
-    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* x_nhwc,
-    const T* mask, const Taps<T>* taps, int64_t row0, int64_t r_begin, int64_t r_end, T* grad_offset,
-    T* grad_mask) {
+    const ConvGeometry& g, const std::vector<ChannelRun>& runs, const T* grad_patches, const T* x_nhwc, const T* mask,
+    const Taps<T>* taps, int64_t row0, int64_t r_begin, int64_t r_end, T* grad_offset, T* grad_mask) {
   const int64_t kk = g.kernel_points(), C = g.channels, P = g.positions();
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t row = row0 + r, b = row / P, p = row % P;
@@ -350,23 +338,11 @@ DCNV2_VECTOR_CLONES void offset_and_mask_grads(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_kernel(
-    const at::Tensor& grad_,
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_,
-    const std::optional<at::Tensor>& bias,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& grad_, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
+    const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
-      offset_groups);
+      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
   check_output_grad(grad_, g);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor grad = grad_.contiguous();
@@ -414,12 +390,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       const T* gp = grad_patches.data_ptr<T>();
       // Input gradient by channel ranges: no two threads touch one element.
       at::parallel_for(0, g.channels, 16, [&](int64_t begin, int64_t end) {
-        scatter_patches(g, channel_runs(g, begin, end), gp, mask_ptr, taps.data(), row0, rows,
-                        grad_x_nhwc.data_ptr<T>());
+        scatter_patches(
+            g, channel_runs(g, begin, end), gp, mask_ptr, taps.data(), row0, rows, grad_x_nhwc.data_ptr<T>());
       });
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        offset_and_mask_grads(g, runs, gp, x, mask_ptr, taps.data(), row0, begin, end,
-                              grad_offset.data_ptr<T>(), mask.defined() ? grad_mask.data_ptr<T>() : nullptr);
+        offset_and_mask_grads(
+            g, runs, gp, x, mask_ptr, taps.data(), row0, begin, end, grad_offset.data_ptr<T>(),
+            mask.defined() ? grad_mask.data_ptr<T>() : nullptr);
       });
     }
   });

@@ -32,7 +32,8 @@ constexpr int64_t kMaxTapsPerChunk = int64_t(1) << 18;
 
 // Offset of bin `bin` of RoI `k`, in feature pixels: (dy, dx).
 template <typename T>
-inline void bin_shift(const PoolGeometry& g, const T* offset, const RoiLayout<T>& r, int64_t k, int64_t bin, T& dy, T& dx) {
+inline void bin_shift(
+    const PoolGeometry& g, const T* offset, const RoiLayout<T>& r, int64_t k, int64_t bin, T& dy, T& dx) {
   dy = dx = T(0);
   if (offset) {
     const T gamma = static_cast<T>(g.gamma);
@@ -59,8 +60,8 @@ std::vector<RoiChunk<T>> plan_chunks(const PoolGeometry& g, const T* rois) {
   RoiChunk<T> current;
   int64_t taps = 0;
   for (int64_t k = 0; k < g.num_rois; ++k) {
-    const RoiLayout<T> r = roi_layout(
-        rois + k * 5, static_cast<T>(g.spatial_scale), g.pooled_h, g.pooled_w, g.sampling_ratio);
+    const RoiLayout<T> r =
+        roi_layout(rois + k * 5, static_cast<T>(g.spatial_scale), g.pooled_h, g.pooled_w, g.sampling_ratio);
     TORCH_CHECK(
         r.batch_index >= 0 && r.batch_index < g.batch, "deform_roi_pool: rois[", k, ", 0] = ", rois[k * 5],
         " is not a batch index of input (batch size ", g.batch, ")");
@@ -106,15 +107,9 @@ void fill_taps(const PoolGeometry& g, const T* offset, RoiChunk<T>& chunk) {
 }
 
 at::Tensor deform_roi_pool_forward_kernel(
-    const at::Tensor& input_,
-    const at::Tensor& rois_,
-    const std::optional<at::Tensor>& offset_,
-    const std::optional<at::Tensor>& mask_,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& input_, const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+    const std::optional<at::Tensor>& mask_, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    int64_t sampling_ratio, double gamma) {
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   const at::Tensor input = input_.contiguous();
@@ -157,16 +152,9 @@ at::Tensor deform_roi_pool_forward_kernel(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
-    const at::Tensor& grad_,
-    const at::Tensor& input_,
-    const at::Tensor& rois_,
-    const std::optional<at::Tensor>& offset_,
-    const std::optional<at::Tensor>& mask_,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& rois_,
+    const std::optional<at::Tensor>& offset_, const std::optional<at::Tensor>& mask_, int64_t pooled_height,
+    int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma) {
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   check_output_grad(grad_, g);

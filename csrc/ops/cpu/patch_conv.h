@@ -59,8 +59,15 @@ class PatchConv {
     at::Tensor out;
     if (packed_op_) {
       std::vector<c10::IValue> stack{
-          rows, packed_, c10::IValue(), std::vector<int64_t>{0, 0}, std::vector<int64_t>{1, 1},
-          std::vector<int64_t>{1, 1}, groups_, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+          rows,
+          packed_,
+          c10::IValue(),
+          std::vector<int64_t>{0, 0},
+          std::vector<int64_t>{1, 1},
+          std::vector<int64_t>{1, 1},
+          groups_,
+          std::string("none"),
+          c10::List<std::optional<at::Scalar>>(),
           std::string("")};
       packed_op_->callBoxed(&stack);
       out = stack[0].toTensor();
@@ -79,8 +86,8 @@ class PatchConv {
   // the shapes: the conv library's backward sums in an order that depends on
   // the thread count (measured), these give the same results at any thread
   // count.
-  void backward(const at::Tensor& grad_rows, const at::Tensor& rows, at::Tensor& grad_weight,
-                at::Tensor& grad_patches) const {
+  void backward(
+      const at::Tensor& grad_rows, const at::Tensor& rows, at::Tensor& grad_weight, at::Tensor& grad_patches) const {
     const int64_t R = rows.size(0), X = rows.size(1), xg = X / groups_, cout_g = weight_.size(0) / groups_;
     const at::Tensor weight = weight_.view({weight_.size(0), xg});
     // Weight gradient by column blocks (each reads the tile's incoming
@@ -102,8 +109,9 @@ class PatchConv {
         const int64_t group = t / row_blocks.count, r0 = row_blocks.start(t % row_blocks.count);
         const int64_t n = row_blocks.length(t % row_blocks.count);
         at::Tensor out = grad_patches.narrow(0, r0, n).narrow(1, group * xg, xg);
-        at::mm_out(out, grad_rows.narrow(0, r0, n).narrow(1, group * cout_g, cout_g),
-                   weight.narrow(0, group * cout_g, cout_g));
+        at::mm_out(
+            out, grad_rows.narrow(0, r0, n).narrow(1, group * cout_g, cout_g),
+            weight.narrow(0, group * cout_g, cout_g));
       }
     });
   }

@@ -15,11 +15,11 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <ATen/cuda/Atomic.cuh>
 
 #include <algorithm>
 
@@ -59,12 +59,7 @@ __device__ inline void point_taps(
 // columns[(c * kk + k)][bl * P + p] = x_c(sampling point) * mask
 template <typename scalar_t>
 __global__ void deformable_im2col_kernel(
-    ConvGeometry g,
-    const scalar_t* input,
-    const scalar_t* offset,
-    const scalar_t* mask,
-    int64_t b0,
-    int64_t n,
+    ConvGeometry g, const scalar_t* input, const scalar_t* offset, const scalar_t* mask, int64_t b0, int64_t n,
     scalar_t* columns) {
   using acc_t = at::acc_type<scalar_t, true>;
   const int64_t kk = g.kernel_points(), P = g.positions(), plane = g.height * g.width;
@@ -89,12 +84,7 @@ __global__ void deformable_im2col_kernel(
 // grad_input += grad_columns * mask * tap weight, scattered with atomics.
 template <typename scalar_t>
 __global__ void deformable_col2im_kernel(
-    ConvGeometry g,
-    const scalar_t* grad_columns,
-    const scalar_t* offset,
-    const scalar_t* mask,
-    int64_t b0,
-    int64_t n,
+    ConvGeometry g, const scalar_t* grad_columns, const scalar_t* offset, const scalar_t* mask, int64_t b0, int64_t n,
     at::acc_type<scalar_t, true>* grad_input) {
   using acc_t = at::acc_type<scalar_t, true>;
   const int64_t kk = g.kernel_points(), P = g.positions(), plane = g.height * g.width;
@@ -125,15 +115,8 @@ __global__ void deformable_col2im_kernel(
 // channels of its offset group (deterministic, no atomics).
 template <typename scalar_t>
 __global__ void deformable_col2im_coord_kernel(
-    ConvGeometry g,
-    const scalar_t* grad_columns,
-    const scalar_t* input,
-    const scalar_t* offset,
-    const scalar_t* mask,
-    int64_t b0,
-    int64_t n,
-    scalar_t* grad_offset,
-    scalar_t* grad_mask) {
+    ConvGeometry g, const scalar_t* grad_columns, const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+    int64_t b0, int64_t n, scalar_t* grad_offset, scalar_t* grad_mask) {
   using acc_t = at::acc_type<scalar_t, true>;
   const int64_t kk = g.kernel_points(), P = g.positions(), plane = g.height * g.width;
   const int64_t cpg = g.channels / g.offset_groups;
@@ -179,22 +162,11 @@ at::Tensor group_columns(const at::Tensor& columns, const ConvGeometry& g, int64
 }
 
 at::Tensor deform_conv2d_forward_kernel(
-    const at::Tensor& input_,
-    const at::Tensor& weight_,
-    const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_,
-    const std::optional<at::Tensor>& bias,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
+    const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
-      offset_groups);
+      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
   c10::cuda::CUDAGuard device_guard(input_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor input = input_.contiguous();
@@ -236,23 +208,11 @@ at::Tensor deform_conv2d_forward_kernel(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_kernel(
-    const at::Tensor& grad_,
-    const at::Tensor& input_,
-    const at::Tensor& weight_,
-    const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_,
-    const std::optional<at::Tensor>& bias,
-    int64_t stride_h,
-    int64_t stride_w,
-    int64_t pad_h,
-    int64_t pad_w,
-    int64_t dilation_h,
-    int64_t dilation_w,
-    int64_t groups,
-    int64_t offset_groups) {
+    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
+    const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
-      offset_groups);
+      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
   check_output_grad(grad_, g);
   at::globalContext().alertNotDeterministic("dcnv2::_deform_conv2d_backward (CUDA input gradient uses atomicAdd)");
   c10::cuda::CUDAGuard device_guard(input_.device());
@@ -270,8 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_mask = mask.defined() ? at::zeros_like(mask) : at::empty({0}, input.options());
   at::Tensor grad_bias = grad.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype).to(input.scalar_type());
   if (g.batch == 0) {
-    return {grad_input_acc.to(input.scalar_type()), grad_weight_acc.to(weight.scalar_type()), grad_offset, grad_mask,
-            grad_bias};
+    return {
+        grad_input_acc.to(input.scalar_type()), grad_weight_acc.to(weight.scalar_type()), grad_offset, grad_mask,
+        grad_bias};
   }
   const int64_t P = g.positions(), cout_g = g.out_channels / g.groups, kk = g.kernel_points();
   const int64_t chunk = images_per_chunk(g, input.element_size());
@@ -314,8 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {grad_input_acc.to(input.scalar_type()), grad_weight_acc.to(weight.scalar_type()), grad_offset, grad_mask,
-          grad_bias};
+  return {
+      grad_input_acc.to(input.scalar_type()), grad_weight_acc.to(weight.scalar_type()), grad_offset, grad_mask,
+      grad_bias};
 }
 
 }  // namespace

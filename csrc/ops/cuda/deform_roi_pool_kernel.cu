@@ -11,11 +11,11 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <ATen/cuda/Atomic.cuh>
 
 #include <algorithm>
 
@@ -46,7 +46,8 @@ __device__ inline RoiLayout<acc_t> device_roi_layout(const PoolGeometry& g, cons
 // Offset of bin `bin` of RoI `k` in feature pixels: (dy, dx).
 template <typename acc_t, typename scalar_t>
 __device__ inline void bin_shift(
-    const PoolGeometry& g, const scalar_t* offset, const RoiLayout<acc_t>& r, int64_t k, int64_t bin, acc_t& dy, acc_t& dx) {
+    const PoolGeometry& g, const scalar_t* offset, const RoiLayout<acc_t>& r, int64_t k, int64_t bin, acc_t& dy,
+    acc_t& dx) {
   dy = dx = acc_t(0);
   if (offset) {
     dx = acc_t(g.gamma) * acc_t(offset[(k * 2 + 0) * g.bins() + bin]) * r.width;
@@ -163,15 +164,9 @@ __global__ void deform_roi_pool_offset_grad_kernel(
 }
 
 at::Tensor deform_roi_pool_forward_kernel(
-    const at::Tensor& input_,
-    const at::Tensor& rois_,
-    const std::optional<at::Tensor>& offset_,
-    const std::optional<at::Tensor>& mask_,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& input_, const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+    const std::optional<at::Tensor>& mask_, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    int64_t sampling_ratio, double gamma) {
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   c10::cuda::CUDAGuard device_guard(input_.device());
@@ -185,26 +180,20 @@ at::Tensor deform_roi_pool_forward_kernel(
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_forward_cuda", [&] {
-    deform_roi_pool_forward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g, input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(),
-        offset.defined() ? offset.data_ptr<scalar_t>() : nullptr, mask.defined() ? mask.data_ptr<scalar_t>() : nullptr,
-        output.data_ptr<scalar_t>());
+    deform_roi_pool_forward_kernel_impl<scalar_t>
+        <<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            g, input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(),
+            offset.defined() ? offset.data_ptr<scalar_t>() : nullptr,
+            mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, output.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
-    const at::Tensor& grad_,
-    const at::Tensor& input_,
-    const at::Tensor& rois_,
-    const std::optional<at::Tensor>& offset_,
-    const std::optional<at::Tensor>& mask_,
-    int64_t pooled_height,
-    int64_t pooled_width,
-    double spatial_scale,
-    int64_t sampling_ratio,
-    double gamma) {
+    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& rois_,
+    const std::optional<at::Tensor>& offset_, const std::optional<at::Tensor>& mask_, int64_t pooled_height,
+    int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma) {
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   check_output_grad(grad_, g);
@@ -222,21 +211,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
   const int64_t total = grad.numel();
   if (total > 0 && g.height * g.width > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_backward_cuda", [&] {
-      using acc_t = at::acc_type<scalar_t, true>;
-      const scalar_t* offset_ptr = offset.defined() ? offset.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-      deform_roi_pool_input_grad_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          g, grad.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), offset_ptr, mask_ptr,
-          grad_input_acc.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (offset_ptr || mask_ptr) {
-        deform_roi_pool_offset_grad_kernel<scalar_t><<<blocks_for(g.num_rois * g.bins()), kThreads, 0, stream>>>(
-            g, grad.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), offset_ptr, mask_ptr,
-            offset_ptr ? grad_offset.data_ptr<scalar_t>() : nullptr, mask_ptr ? grad_mask.data_ptr<scalar_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_backward_cuda", [&] {
+          using acc_t = at::acc_type<scalar_t, true>;
+          const scalar_t* offset_ptr = offset.defined() ? offset.data_ptr<scalar_t>() : nullptr;
+          const scalar_t* mask_ptr = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+          deform_roi_pool_input_grad_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+              g, grad.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), offset_ptr, mask_ptr,
+              grad_input_acc.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (offset_ptr || mask_ptr) {
+            deform_roi_pool_offset_grad_kernel<scalar_t><<<blocks_for(g.num_rois * g.bins()), kThreads, 0, stream>>>(
+                g, grad.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), offset_ptr,
+                mask_ptr, offset_ptr ? grad_offset.data_ptr<scalar_t>() : nullptr,
+                mask_ptr ? grad_mask.data_ptr<scalar_t>() : nullptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        });
   }
   return {grad_input_acc.to(input.scalar_type()), grad_offset, grad_mask};
 }

@@ -5,6 +5,7 @@ Parameter names and the layout of the offset conv's output are those of
 detectron2's `DeformBottleneckBlock` (`conv2_offset`, `conv2.weight`,
 `conv2.norm.*`), so checkpoints of detectron2's deformable ResNets load.
 """
+
 import torch
 import torch.nn.functional as F
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock

@@ -1,5 +1,6 @@
 """FPN on the DCNv2 ResNet. detectron2's FPN builder calls its own ResNet
 builder directly, so the FPN needs a builder of its own."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool

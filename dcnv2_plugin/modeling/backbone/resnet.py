@@ -9,6 +9,7 @@ and differs in that
   - ResNet-18/34 stages can be deformable too (detectron2 refuses that),
   - MODEL.DCNV2.STN can insert a spatial transformer before one stage.
 """
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
@@ -35,7 +36,9 @@ def _check_resnet_config(cfg) -> None:
     if resnets.DEPTH in (18, 34):
         needed = {"RES2_OUT_CHANNELS": 64, "RES5_DILATION": 1, "NUM_GROUPS": 1}
         wrong = [
-            f"MODEL.RESNETS.{key}={value} (got {resnets[key]})" for key, value in needed.items() if resnets[key] != value
+            f"MODEL.RESNETS.{key}={value} (got {resnets[key]})"
+            for key, value in needed.items()
+            if resnets[key] != value
         ]
         if wrong:
             raise ValueError(f"ResNet-{resnets.DEPTH} (basic blocks) needs " + ", ".join(wrong))

@@ -2,6 +2,7 @@
 DCNv1 discusses STN as the global, parametric counterpart of its local, dense
 offsets. One affine warp per image, predicted from the features, is applied
 to the input of a ResNet stage."""
+
 from collections import OrderedDict
 
 import torch
