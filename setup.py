@@ -57,9 +57,21 @@ setup(
     name="dcnv2_plugin",
     version="0.1.0",
     description="Deformable ConvNets v2 for Detectron2: modulated deformable convolution and RoI pooling",
-    packages=find_packages(exclude=("tests", "benchmarks", "tools")),
+    packages=find_packages(include=("dcnv2_plugin", "dcnv2_plugin.*")),
+    # The configs ship with the package (dcnv2_plugin/configs links to the
+    # repository's configs/), found by name through dcnv2_plugin.model_zoo.
+    package_data={"dcnv2_plugin": ["configs/*.yaml", "configs/**/*.yaml"]},
     python_requires=">=3.10",
+    # The operators need torch alone; the detectron2 components need
+    # detectron2 (not on the package index: see the README), which brings
+    # fvcore and pycocotools.
+    install_requires=["torch", "torchvision"],
+    extras_require={
+        # The embedded shapes dataset (dcnv2_plugin.data).
+        "data": ["opencv-python-headless", "pycocotools"],
+        "bench": _benchmark_requirements(),
+    },
+    entry_points={"console_scripts": ["dcnv2-train-net = dcnv2_plugin.engine:run"]},
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    extras_require={"bench": _benchmark_requirements()},
 )

@@ -6,7 +6,12 @@ and DEFORM_NUM_GROUPS, and the deformable RoI pooling with
 MODEL.ROI_BOX_HEAD.POOLER_TYPE (and ROI_MASK_HEAD.POOLER_TYPE).
 """
 
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .model_zoo import get_config_file
 
 
 def add_dcnv2_config(cfg: CN) -> None:
@@ -56,3 +61,14 @@ def add_dcnv2_config(cfg: CN) -> None:
     _C.MODEL.DCNV2.MIMIC.LOSS_WEIGHT = 0.1
     # Weight of the R-CNN branch's own classification loss.
     _C.MODEL.DCNV2.MIMIC.CLS_LOSS_WEIGHT = 0.1
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """detectron2's default config with the MODEL.DCNV2 keys, merged with
+    `config_file` (a path or a packaged config's name, see
+    `dcnv2_plugin.model_zoo`) and then with `opts` (KEY VALUE pairs). Not frozen."""
+    cfg = get_cfg()
+    add_dcnv2_config(cfg)
+    cfg.merge_from_file(get_config_file(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg

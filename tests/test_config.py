@@ -1,14 +1,13 @@
 """The MODEL.DCNV2 keys and the shipped COCO configs."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from detectron2.config import get_cfg
+from helpers import CONFIG_DIR
 
 import dcnv2_plugin
+from dcnv2_plugin.config import load_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = CONFIG_DIR / "Base-RCNN-FPN.yaml"
 
 # The paper's ablation rows: (DEFORM_ON_PER_STAGE, DEFORM_MODULATED, box POOLER_TYPE).
@@ -25,13 +24,6 @@ LEAF_CONFIGS = [
     (CONFIG_DIR / "COCO-InstanceSegmentation" / f"mask_rcnn_R_50_FPN_{name}.yaml", name, True)
     for name in ABLATION_SETTINGS
 ]
-
-
-def load_config(path):
-    cfg = get_cfg()
-    dcnv2_plugin.add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(path))
-    return cfg
 
 
 def test_add_dcnv2_config_adds_only_the_dcnv2_subtree():

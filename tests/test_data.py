@@ -9,17 +9,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from dcnv2_plugin.config import load_config
 from dcnv2_plugin.data import (
     CLASS_NAMES,
-    DEFAULT_DATASET_NAMES,
     DEFAULT_PARAMS,
     ShapesParams,
     SplitSpec,
-    default_root,
-    ensure_split,
+    register_embedded_datasets,
     register_shapes_dataset,
 )
-from dcnv2_plugin.data.generate import draw_image, main
+from dcnv2_plugin.data.generate import default_root, draw_image, ensure_split, main
 
 SMALL_SPLIT = SplitSpec(num_images=16, seed=7)
 
@@ -148,11 +147,18 @@ def test_registration_generates_on_first_use(tmp_path):
         MetadataCatalog.remove(name)
 
 
-def test_default_names_are_registered():
-    assert DEFAULT_DATASET_NAMES == {"train": "dcnv2_shapes_train", "val": "dcnv2_shapes_val"}
-    for name in DEFAULT_DATASET_NAMES.values():
+def test_default_names_are_registered_for_a_config_that_uses_them():
+    assert register_shapes_dataset() == {"train": "dcnv2_shapes_train", "val": "dcnv2_shapes_val"}
+    for name in ("dcnv2_shapes_train", "dcnv2_shapes_val"):
         assert name in DatasetCatalog.list()
         assert MetadataCatalog.get(name).json_file.startswith(str(default_root()))
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+    register_embedded_datasets(load_config("COCO-Detection/faster_rcnn_R_50_FPN_regular.yaml"))
+    assert "dcnv2_shapes_train" not in DatasetCatalog.list()
+    register_embedded_datasets(load_config("demo/dcnv2.yaml"))
+    assert {"dcnv2_shapes_train", "dcnv2_shapes_val"} <= set(DatasetCatalog.list())
 
 
 def test_command_line_writes_both_splits(tmp_path, capsys):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import DEVICES
+from helpers import DEVICES
 from torch.autograd import gradcheck
 
-from dcnv2_plugin.ops import ModulatedDeformConv2d, deform_conv2d
+from dcnv2_plugin.ops import DeformConv2d, DeformConv2dPack, deform_conv2d
 
 # (batch, in, out, height, width, kernel, stride, padding, dilation, groups, offset_groups, offset scale)
 CONFIGS = [
@@ -207,20 +207,38 @@ def test_opcheck():
 
 def test_module_starts_as_half_a_regular_conv():
     torch.manual_seed(0)
-    layer = ModulatedDeformConv2d(4, 5, 3, stride=2, padding=2, dilation=2, groups=1, offset_groups=2)
+    layer = DeformConv2dPack(4, 5, 3, stride=2, padding=2, dilation=2, groups=1, offset_groups=2)
     x = torch.randn(2, 4, 9, 11)
     regular = F.conv2d(x, layer.weight, layer.bias, stride=2, padding=2, dilation=2)
     bias = layer.bias.view(1, -1, 1, 1)
     # sigmoid(0) = 0.5 scales the sampled values, not the bias.
     torch.testing.assert_close(layer(x), (regular - bias) * 0.5 + bias)
-    v1 = ModulatedDeformConv2d(4, 5, (3, 1), padding=(1, 0), modulated=False)
+    v1 = DeformConv2dPack(4, 5, (3, 1), padding=(1, 0), modulated=False)
     torch.testing.assert_close(v1(x), F.conv2d(x, v1.weight, v1.bias, padding=(1, 0)))
     assert v1.conv_offset.out_channels == 2 * 3 and layer.conv_offset.out_channels == 2 * 3 * 9
 
 
+def test_module_with_given_offsets_matches_torchvisions():
+    torch.manual_seed(0)
+    ours = DeformConv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2).double()
+    theirs = torchvision.ops.DeformConv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    out_h, out_w = 4, 10
+    offset = torch.randn(2, 2 * 2 * 6, out_h, out_w, dtype=torch.float64)  # two offset groups
+    mask = torch.rand(2, 2 * 6, out_h, out_w, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, offset, mask), theirs.double()(x, offset, mask))
+    torch.testing.assert_close(ours(x, offset), theirs(x, offset))
+    # Initialized as nn.Conv2d initializes its weight and bias: same bounds.
+    conv = torch.nn.Conv2d(4, 6, (3, 2), groups=2)
+    for ours_param, conv_param in ((ours.weight, conv.weight), (ours.bias, conv.bias)):
+        bound = conv_param.abs().max().item()
+        assert ours_param.abs().max().item() <= bound * 1.2 and ours_param.std() > 0.3 * conv_param.std()
+
+
 def test_module_trains_its_offsets():
     torch.manual_seed(0)
-    layer = ModulatedDeformConv2d(3, 4, 3, padding=1)
+    layer = DeformConv2dPack(3, 4, 3, padding=1)
     layer(torch.randn(1, 3, 6, 6)).square().sum().backward()
     # Zero-initialized, but the offset conv's own parameters get gradient.
     assert layer.conv_offset.weight.grad.abs().sum() > 0

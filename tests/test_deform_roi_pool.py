@@ -5,11 +5,11 @@ pure-PyTorch reference, gradcheck, opcheck, torch.compile and errors."""
 import pytest
 import torch
 import torchvision
-from conftest import DEVICES
+from helpers import DEVICES
 from reference_ops import deform_roi_pool_reference
 from torch.autograd import gradcheck
 
-from dcnv2_plugin.ops import DeformRoIPool, ModulatedDeformConv2d, deform_roi_pool
+from dcnv2_plugin.ops import DeformConv2dPack, DeformRoIPool, deform_roi_pool
 
 ROIS = [
     [0, 1.2, 2.3, 8.5, 9.1],  # ordinary
@@ -22,7 +22,8 @@ ROIS = [
 ]
 
 
-def make_inputs(device, dtype=torch.float64, num_rois=len(ROIS), output_size=(3, 4), requires_grad=True):
+def make_inputs(device, dtype=torch.float64, num_rois=None, output_size=(3, 4), requires_grad=True):
+    num_rois = len(ROIS) if num_rois is None else num_rois
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64)
     rois = torch.tensor(ROIS[:num_rois], dtype=torch.float64)
@@ -161,7 +162,7 @@ class _TinyDeformableHead(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = ModulatedDeformConv2d(3, 4, 3, padding=1)
+        self.conv = DeformConv2dPack(3, 4, 3, padding=1)
         self.pool = DeformRoIPool((2, 2), spatial_scale=0.5, sampling_ratio=2)
         self.offset = torch.nn.Linear(4 * 2 * 2, 3 * 2 * 2)
 

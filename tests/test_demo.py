@@ -1,23 +1,22 @@
 """The CPU demo: its configs, its table, and a quick run of the whole pipeline."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 from detectron2.modeling import build_model
+from helpers import ROOT
 from PIL import Image
 
-import dcnv2_plugin  # noqa: F401  (registers the models)
-from dcnv2_plugin.demo import DEMO_MODELS
-from dcnv2_plugin.demo.models import load_config
-from dcnv2_plugin.demo.pipeline import schedule_opts
-from dcnv2_plugin.demo.report import Run, markdown_table
-from dcnv2_plugin.demo.scheduler import run_all
-from dcnv2_plugin.demo.training import RunSpec
+from dcnv2_demo import DEMO_MODELS
+from dcnv2_demo.cli import main as demo_main
+from dcnv2_demo.pipeline import schedule_opts
+from dcnv2_demo.report import Run, markdown_table
+from dcnv2_demo.scheduler import run_all
+from dcnv2_demo.training import RunSpec
+from dcnv2_plugin.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "demo"
 
 # What each model changes in the regular model's config: nothing else may
@@ -78,7 +77,7 @@ def test_the_demo_models_have_the_ablations_modules():
 def test_iters_override_keeps_the_schedule_in_proportion():
     base = load_config(CONFIG_DIR / "Base-Demo.yaml").SOLVER
     assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (1000, (800,), 100)
-    assert schedule_opts(CONFIG_DIR / "dcnv2.yaml", 20) == [
+    assert schedule_opts("demo/dcnv2.yaml", 20) == [
         "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.WARMUP_ITERS", "2",
     ]  # fmt: skip
 
@@ -93,7 +92,7 @@ def test_the_shared_start_is_the_regular_model_with_its_own_schedule():
 
 def test_a_failed_run_stops_the_demo_with_the_end_of_its_log(tmp_path, capsys):
     run = Run(DEMO_MODELS["regular"], 0, tmp_path / "run")
-    spec = RunSpec(CONFIG_DIR / "regular.yaml", run.output_dir, ("MODEL.NO_SUCH_KEY", "1"), True, ROOT / "train_net.py")
+    spec = RunSpec("demo/regular.yaml", run.output_dir, ("MODEL.NO_SUCH_KEY", "1"), True)
     with pytest.raises(RuntimeError, match="training regular.yaml failed"):
         run_all([("regular", run, spec)], jobs=2, iters=4, progress_seconds=60)
     assert "NO_SUCH_KEY" in capsys.readouterr().err
@@ -116,13 +115,6 @@ def test_table_shows_mean_and_half_range_across_seeds():
     assert row == "| DCNv2 | 30.0 ± 2.0 | 50.0 | n/a | 2.63 | 0.61 ± 0.01 | 42 |"
 
 
-def load_demo_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_png(path: Path):
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 100
@@ -133,7 +125,7 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
     monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
     output = tmp_path / "demo"
     models = ["regular", "dcnv2"]
-    returned = load_demo_tool().main(["--output", str(output), "--quick", "--models", *models, "--jobs", "2"])
+    returned = demo_main(["--output", str(output), "--quick", "--models", *models, "--jobs", "2"])
 
     written = json.loads((output / "results.json").read_text())
     assert written == returned
@@ -173,6 +165,6 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
     # A second demo in the same folder reuses the shared start.
     start_mtime = Path(start_weights).stat().st_mtime_ns
     capsys.readouterr()
-    load_demo_tool().main(["--output", str(output), "--quick", "--models", "regular"])
+    demo_main(["--output", str(output), "--quick", "--models", "regular"])
     assert "reusing the shared start" in capsys.readouterr().out
     assert Path(start_weights).stat().st_mtime_ns == start_mtime

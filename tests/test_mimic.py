@@ -1,22 +1,20 @@
 """R-CNN feature mimicking (DCNv2 paper, Sec. 3.3): MimicRCNN and its branch."""
 
 import math
-import os
 from unittest import mock
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
+from helpers import CONFIG_DIR
 
 import dcnv2_plugin  # noqa: F401  (registers MimicRCNN and the DCNv2 components)
-from dcnv2_plugin import add_dcnv2_config
+from dcnv2_plugin.config import load_config
 from dcnv2_plugin.modeling.mimic import MimicRCNN, RCNNFeatureMimicking, mimic_loss
 from dcnv2_plugin.modeling.mimic_sampling import crop_and_resize, sample_positive_rois
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 MIMIC_CONFIGS = [
     "COCO-Detection/faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool_mimic.yaml",
     "COCO-Detection/faster_rcnn_R_50_FPN_regular_mimic.yaml",
@@ -66,17 +64,9 @@ TINY_MODEL = [
 ]
 
 
-def load_config(name, overrides=()):
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, name))
-    cfg.merge_from_list(list(overrides))
-    return cfg
-
-
 def tiny_model(name, overrides=()):
     torch.manual_seed(0)
-    return build_model(load_config(name, TINY_MODEL + list(overrides)))
+    return build_model(load_config(CONFIG_DIR / name, TINY_MODEL + list(overrides)))
 
 
 def ground_truth(boxes, classes):

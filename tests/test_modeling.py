@@ -1,22 +1,20 @@
 """Whole detectors built from the shipped configs, on CPU, shrunk by overrides."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import CONFIG_DIR, DEVICES, parameters_without_gradient, perturb_zero_initialized_weights
 
-import dcnv2_plugin
+import dcnv2_plugin  # noqa: F401  (registers the components)
+from dcnv2_plugin.config import load_config
 from dcnv2_plugin.modeling import build_optimizer
-from dcnv2_plugin.modeling.layers import GeometryPredictor
+from dcnv2_plugin.ops import GeometryPredictor
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # This project's ablation configs (the mimicking and demo configs are tested with their code).
 ABLATION_CONFIGS = sorted(p for p in CONFIG_DIR.glob("COCO-*/*.yaml") if "mimic" not in p.name)
 CONFIG_IDS = [p.name for p in ABLATION_CONFIGS]
@@ -66,11 +64,7 @@ TINY_OVERRIDES = [
 
 
 def tiny_cfg(config_file, *overrides):
-    cfg = get_cfg()
-    dcnv2_plugin.add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(TINY_OVERRIDES + list(overrides))
-    return cfg
+    return load_config(config_file, TINY_OVERRIDES + list(overrides))
 
 
 def build_tiny_model(config_file, *overrides, seed=0):
@@ -92,28 +86,11 @@ def training_batch():
     return [{"image": image, "instances": instances, "height": IMAGE_HEIGHT, "width": IMAGE_WIDTH}]
 
 
-def perturb_zero_initialized_weights(model):
-    """The output layers of the RoI offset branch and of the spatial
-    transformer's localization net start at zero, so at step 0 the layers
-    before them (fc1/fc2, the hidden fc) get exactly zero gradient. A tiny
-    perturbation stands in for the first update, so one step can reach every
-    parameter. (The backbone's zero-initialized `conv2_offset` is left at zero:
-    nothing comes before it, and it must get a gradient as it is.)"""
-    zero_initialized = ("offset_predictor.predictor.weight", "localization.theta.weight")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(zero_initialized):
-                assert not param.any(), name
-                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
-
-
-def parameters_without_gradient(model):
-    return [
-        name
-        for name, param in model.named_parameters()
-        if param.requires_grad and (param.grad is None or not param.grad.any())
-    ]
+# The zero-initialized output layers of the RoI offset branch and of the
+# spatial transformer's localization net. (The backbone's zero-initialized
+# `conv2_offset` is left at zero: nothing comes before it, and it must get a
+# gradient as it is.)
+ZERO_INITIALIZED_OUTPUTS = ("offset_predictor.predictor.weight", "localization.theta.weight")
 
 
 def train_one_step(model):
@@ -127,7 +104,7 @@ def train_one_step(model):
 @pytest.mark.parametrize("config_file", ABLATION_CONFIGS, ids=CONFIG_IDS)
 def test_training_step_has_finite_losses_and_reaches_every_parameter(config_file):
     model = build_tiny_model(config_file)
-    perturb_zero_initialized_weights(model)
+    perturb_zero_initialized_weights(model, ZERO_INITIALIZED_OUTPUTS)
     losses = train_one_step(model)
 
     assert "loss_mask" in losses if model.roi_heads.mask_on else "loss_mask" not in losses
@@ -210,7 +187,7 @@ def test_optimizer_scales_the_learning_rate_of_geometry_predictors_only():
 def test_spatial_transformer_trains_with_the_detector():
     model = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, "MODEL.DCNV2.STN.HIDDEN_DIM", 16)
     assert "backbone.bottom_up.res3.spatial_transformer.localization.theta.weight" in model.state_dict()
-    perturb_zero_initialized_weights(model)
+    perturb_zero_initialized_weights(model, ZERO_INITIALIZED_OUTPUTS)
     train_one_step(model)
     assert parameters_without_gradient(model) == []
 
@@ -237,7 +214,7 @@ def test_single_feature_map_dc5_detector_trains_and_infers(device):
         "ModulatedDeformRoIPool",
     )
     assert len(model.roi_heads.box_pooler.level_poolers) == 1
-    perturb_zero_initialized_weights(model)
+    perturb_zero_initialized_weights(model, ZERO_INITIALIZED_OUTPUTS)
     losses = train_one_step(model)
     assert all(math.isfinite(loss.item()) for loss in losses.values())
     assert parameters_without_gradient(model) == []
@@ -319,7 +296,7 @@ def test_detectron2_deformable_config_runs_with_only_the_backbone_name_changed(t
     # Their whole detector's checkpoint loads into ours, key for key.
     incompatible = ours.load_state_dict(theirs.state_dict(), strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    perturb_zero_initialized_weights(ours)
+    perturb_zero_initialized_weights(ours, ZERO_INITIALIZED_OUTPUTS)
     losses = train_one_step(ours)
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
     assert all(math.isfinite(loss.item()) for loss in losses.values())

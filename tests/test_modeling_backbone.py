@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import DEVICES
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock as Detectron2DeformBottleneckBlock
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from helpers import DEVICES
 from torch import nn
 
 import dcnv2_plugin

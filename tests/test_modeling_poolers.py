@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import DEVICES
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_roi_heads
 from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
 from detectron2.structures import Boxes
+from helpers import DEVICES
 
 import dcnv2_plugin
 from dcnv2_plugin.modeling.poolers import DeformableROIPooler

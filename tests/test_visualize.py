@@ -7,10 +7,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-import dcnv2_plugin
+from dcnv2_plugin.config import load_config
 from dcnv2_plugin.data import DEFAULT_PARAMS, SplitSpec
 from dcnv2_plugin.data.generate import draw_image
 from dcnv2_plugin.visualization import (
@@ -152,11 +151,9 @@ def test_roi_bins_move_by_gamma_times_offset_times_box_size():
 
 
 def build(config: str):
-    cfg = get_cfg()
-    dcnv2_plugin.add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "COCO-Detection" / config))
-    cfg.merge_from_list(
-        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    cfg = load_config(
+        f"COCO-Detection/{config}",
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"],
     )
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval()

@@ -16,84 +16,13 @@ DCNv2 model's sampling locations, drawn by tools/visualize.py).
     python tools/demo.py --output /tmp/demo --quick    # a smoke test of the pipeline
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# Runs from a checkout without installing the package.
-sys.path.insert(0, str(ROOT))
+# The demo lives beside the package, in the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dcnv2_plugin  # noqa: E402,F401  (registers the models)
-from dcnv2_plugin.demo import DEMO_MODELS, DemoOptions, DemoPaths, run_demo  # noqa: E402
-from dcnv2_plugin.demo.scheduler import default_jobs  # noqa: E402
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, required=True, help="folder for the runs and the results")
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        choices=list(DEMO_MODELS),
-        default=list(DEMO_MODELS),
-        help="models to train (default: all)",
-    )
-    parser.add_argument(
-        "--seed",
-        nargs="+",
-        type=int,
-        default=[0],
-        dest="seeds",
-        metavar="SEED",
-        help="one run per model and seed; with several, the table shows the spread",
-    )
-    parser.add_argument(
-        "--iters", type=int, help="training iterations per compared model (default: configs/demo/Base-Demo.yaml's)"
-    )
-    parser.add_argument(
-        "--start-iters", type=int, help="training iterations of the shared start (default: configs/demo/start.yaml's)"
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=default_jobs(),
-        help="runs trained side by side, the cores shared among them (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a few iterations on a handful of images: checks the pipeline, measures nothing",
-    )
-    args = parser.parse_args(argv)
-    for name in ("iters", "start_iters"):
-        if getattr(args, name) is not None and getattr(args, name) < 3:
-            parser.error(
-                f"--{name.replace('_', '-')} must be at least 3 (detectron2 times iterations from the third on)"
-            )
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    paths = DemoPaths(
-        config_dir=ROOT / "configs" / "demo",
-        train_net=ROOT / "train_net.py",
-        visualize=ROOT / "tools" / "visualize.py",
-    )
-    options = DemoOptions(
-        output=args.output,
-        models=args.models,
-        seeds=args.seeds,
-        iters=args.iters,
-        start_iters=args.start_iters,
-        quick=args.quick,
-        jobs=args.jobs,
-    )
-    return run_demo(options, paths)
-
+from dcnv2_demo.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -68,3 +68,11 @@ def register_shapes_dataset(
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.classes))},
         )
     return names
+
+
+def register_embedded_datasets(cfg) -> None:
+    """Registers the default splits if `cfg`'s DATASETS name one of them."""
+    names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+    default_names = {f"{DEFAULT_NAME_PREFIX}_{split}" for split in DEFAULT_SPLITS}
+    if default_names.intersection(names):
+        register_shapes_dataset()

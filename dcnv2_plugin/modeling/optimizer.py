@@ -8,7 +8,7 @@ import torch
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
-from .layers import GeometryPredictor
+from ..ops import GeometryPredictor
 
 
 def geometry_parameter_ids(model: nn.Module) -> Set[int]:

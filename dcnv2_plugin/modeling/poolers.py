@@ -15,8 +15,7 @@ from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, conve
 from detectron2.structures import Boxes
 from torch import nn
 
-from ..ops import DeformRoIPool
-from .layers import GeometryPredictor
+from ..ops import DeformRoIPool, GeometryPredictor
 
 DETECTRON2_POOLER_TYPES = ("ROIAlign", "ROIAlignV2", "ROIPool", "ROIAlignRotated")
 # Each deformable pooler type, and whether it is modulated.

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import _library
 from ._checks import check_floating, check_rank, check_same_dtype_device, conv_output_size, pair
+from .geometry_predictor import GeometryPredictor
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -118,14 +119,97 @@ def deform_conv2d(
     )
 
 
-class ModulatedDeformConv2d(nn.Module):
-    """A deformable conv that owns the sibling conv predicting its offsets
-    (and modulation, when `modulated`).
+class OffsetConv2d(GeometryPredictor, nn.Conv2d):
+    """The conv that predicts a deformable conv's offsets (and modulation
+    logits) from the same input, with the deformable conv's kernel, stride,
+    padding and dilation.
 
-    The sibling conv has the main conv's kernel, stride, padding and dilation
-    and starts at zero (paper, Sec. 3.1), so at initialization the layer is a
-    regular conv whose output is scaled by sigmoid(0) = 0.5 (DCNv2) or exactly
-    a regular conv (DCNv1, `modulated=False`).
+    It starts at zero (DCNv2, Sec. 3.1): zero offsets, and modulation
+    sigmoid(0) = 0.5, so a deformable layer starts as the regular one.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def split_offset_mask(
+    offset_mask: torch.Tensor, kernel_points: int, offset_groups: int, modulated: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Splits an `OffsetConv2d` output into `deform_conv2d`'s offset and mask.
+
+    The first 2 * offset_groups * kernel_points channels are the offsets, read
+    as interleaved (dy, dx) pairs; the rest, when modulated, the modulation
+    logits, which go through a sigmoid. This is the layout of detectron2's
+    deformable ResNet blocks and of mmcv's modulated conv, so their
+    checkpoints mean the same here.
+    """
+    num_offsets = 2 * offset_groups * kernel_points
+    offset = offset_mask[:, :num_offsets]
+    mask = offset_mask[:, num_offsets:].sigmoid() if modulated else None
+    return offset, mask
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution with its offsets (and mask) given in `forward`,
+    as torchvision's `DeformConv2d`: DCNv2 with a mask, DCNv1 without.
+
+    The weight is initialized as `nn.Conv2d` initializes its own.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = pair("kernel_size", kernel_size)
+        self.stride = pair("stride", stride)
+        self.padding = pair("padding", padding)
+        self.dilation = pair("dilation", dilation)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
+        )
+
+
+class DeformConv2dPack(DeformConv2d):
+    """A `DeformConv2d` that owns the `OffsetConv2d` predicting its offsets
+    (and modulation, when `modulated`) from its input, as mmcv's
+    `ModulatedDeformConv2dPack` (`modulated=True`, DCNv2, the default) and
+    `DeformConv2dPack` (`modulated=False`, DCNv1) do.
+
+    At initialization the offsets are zero: the layer is a regular conv, with
+    its output scaled by sigmoid(0) = 0.5 when modulated.
     """
 
     def __init__(
@@ -141,56 +225,25 @@ class ModulatedDeformConv2d(nn.Module):
         bias: bool = True,
         modulated: bool = True,
     ):
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
-            )
-        if in_channels % offset_groups:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if offset_groups < 1 or in_channels % offset_groups:
             raise ValueError(f"in_channels={in_channels} must be divisible by offset_groups={offset_groups}")
-        self.kernel_size = pair("kernel_size", kernel_size)
-        self.stride = pair("stride", stride)
-        self.padding = pair("padding", padding)
-        self.dilation = pair("dilation", dilation)
-        self.groups = groups
         self.offset_groups = offset_groups
         self.modulated = modulated
-
-        kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        per_point = 3 if modulated else 2
-        self.conv_offset = nn.Conv2d(
+        kernel_points = self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = OffsetConv2d(
             in_channels,
-            offset_groups * per_point * kh * kw,
+            offset_groups * (3 if modulated else 2) * kernel_points,
             self.kernel_size,
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
-            bias=True,
         )
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv_offset(x)
-        kh, kw = self.kernel_size
-        n_offset = 2 * self.offset_groups * kh * kw
-        offset = out[:, :n_offset]
-        mask = out[:, n_offset:].sigmoid() if self.modulated else None
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        kernel_points = self.kernel_size[0] * self.kernel_size[1]
+        offset, mask = split_offset_mask(self.conv_offset(input), kernel_points, self.offset_groups, self.modulated)
+        return super().forward(input, offset, mask)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"offset_groups={self.offset_groups}, modulated={self.modulated}"
-        )
+        return f"{super().extra_repr()}, offset_groups={self.offset_groups}, modulated={self.modulated}"

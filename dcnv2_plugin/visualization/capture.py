@@ -96,7 +96,9 @@ class BlockConvRecorder:
                 mask = None
             else:
                 if call.offset.shape[0] > 2 * points:
-                    warnings.warn(f"{call.block_name}: several offset groups; drawing the first group's offsets")
+                    warnings.warn(
+                        f"{call.block_name}: several offset groups; drawing the first group's offsets", stacklevel=2
+                    )
                 offset = call.offset[: 2 * points].double().cpu().numpy()
                 mask = None if call.mask is None else call.mask[:points].double().cpu().numpy()
             stride = _power_of_two_stride(image_size[0], call.input_size[0])

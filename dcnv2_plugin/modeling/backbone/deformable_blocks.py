@@ -6,11 +6,14 @@ detectron2's `DeformBottleneckBlock` (`conv2_offset`, `conv2.weight`,
 `conv2.norm.*`), so checkpoints of detectron2's deformable ResNets load.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 
-from ..layers import DeformConv, OffsetConv2d
+from ...ops import OffsetConv2d, split_offset_mask
+from ..layers import DeformConv
 
 
 class _DeformableConv2:
@@ -23,6 +26,7 @@ class _DeformableConv2:
         # Per kernel point and offset group: (dy, dx), plus a modulation scalar.
         outputs_per_point = 3 if deform_modulated else 2
         self.deform_modulated = deform_modulated
+        self.deform_num_groups = deform_num_groups
         self.conv2_offset = OffsetConv2d(
             regular.in_channels,
             outputs_per_point * kernel_points * deform_num_groups,
@@ -45,16 +49,10 @@ class _DeformableConv2:
         self.conv2.weight = regular.weight
 
     def _forward_conv2(self, x: torch.Tensor) -> torch.Tensor:
-        offset_mask = self.conv2_offset(x)
-        if not self.deform_modulated:
-            return self.conv2(x, offset_mask)
-        # detectron2's split, kept so its checkpoints mean the same here: the
-        # first two thirds, concatenated, are the offsets (read by the operator
-        # as interleaved (dy, dx) pairs per group and kernel point), the last
-        # third the modulation logits.
-        offset_first, offset_second, mask_logits = torch.chunk(offset_mask, 3, dim=1)
-        offset = torch.cat((offset_first, offset_second), dim=1)
-        return self.conv2(x, offset, mask_logits.sigmoid())
+        offset, mask = split_offset_mask(
+            self.conv2_offset(x), math.prod(self.conv2.kernel_size), self.deform_num_groups, self.deform_modulated
+        )
+        return self.conv2(x, offset, mask)
 
 
 class DeformBottleneckBlock(_DeformableConv2, BottleneckBlock):

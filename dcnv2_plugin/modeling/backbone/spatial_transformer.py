@@ -11,7 +11,7 @@ from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 
-from ..layers import GeometryPredictor
+from ...ops import GeometryPredictor
 
 # The localization net average-pools to this grid: a global average would lose
 # the spatial layout that a translation or rotation has to be read from.

@@ -7,7 +7,7 @@ another name, so it never generates the full splits.
 
 from dataclasses import dataclass
 
-from ..data import DEFAULT_DATASET_NAMES, SplitSpec, register_shapes_dataset
+from dcnv2_plugin.data import SplitSpec, register_shapes_dataset
 
 QUICK_NAME_PREFIX = "dcnv2_demo_quick"
 QUICK_SPLITS = {"train": SplitSpec(num_images=8, seed=0), "val": SplitSpec(num_images=4, seed=1)}
@@ -24,8 +24,9 @@ def register_demo_datasets(quick: bool) -> DemoDatasets:
 
     Runs in every process that needs the names, since catalogs are per process.
     """
-    if quick:
-        names = register_shapes_dataset(name_prefix=QUICK_NAME_PREFIX, splits=QUICK_SPLITS)
-    else:
-        names = DEFAULT_DATASET_NAMES
+    names = (
+        register_shapes_dataset(name_prefix=QUICK_NAME_PREFIX, splits=QUICK_SPLITS)
+        if quick
+        else register_shapes_dataset()
+    )
     return DemoDatasets(train=names["train"], val=names["val"])

@@ -14,8 +14,6 @@ Then the table, the loss plot and the pictures.
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +21,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from dcnv2_plugin.config import load_config
+from dcnv2_plugin.visualization.pictures import load_detector, save_detector_pictures
+
 from .datasets import DemoDatasets, register_demo_datasets
-from .models import DEMO_MODELS, DemoModel, load_config
+from .models import DEMO_MODELS, DemoModel, demo_config
 from .report import Run, plot_losses, run_measurements, summarize, write_report
 from .scheduler import default_jobs, log, minutes, run_all
 from .training import RunSpec
@@ -35,7 +36,7 @@ QUICK_IMAGES_PER_BATCH = 2
 PICTURE_MODEL = "dcnv2"
 PICTURE_IMAGES = 2
 START = DemoModel("start", "shared start (regular)")
-START_CONFIG = "start.yaml"
+START_CONFIG = "start"
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,7 @@ class DemoOptions:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
 
 
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where the checkout keeps what the demo runs."""
-
-    config_dir: Path  # configs/demo
-    train_net: Path
-    visualize: Path  # tools/visualize.py
-
-
-def schedule_opts(config_file: Path, iters: int) -> List[str]:
+def schedule_opts(config_file: str, iters: int) -> List[str]:
     """SOLVER overrides for `iters` iterations that keep the config's schedule
     in proportion: warm-up and learning-rate steps at the same fractions."""
     cfg = load_config(config_file)
@@ -96,25 +88,24 @@ def _prepare_datasets(datasets: DemoDatasets) -> List[Dict]:
     return DatasetCatalog.get(datasets.val)
 
 
-def _iterations(requested: Optional[int], quick: bool, config_file: Path) -> int:
+def _iterations(requested: Optional[int], quick: bool, config_file: str) -> int:
     if requested:
         return requested
     return QUICK_ITERS if quick else load_config(config_file).SOLVER.MAX_ITER
 
 
-def start_key(config_file: Path, opts: Sequence[str], datasets: DemoDatasets) -> str:
+def start_key(config_file: str, opts: Sequence[str], datasets: DemoDatasets) -> str:
     """What decides the shared start's weights: its full config and the files
     of its datasets (whose paths carry the generator's fingerprint)."""
-    cfg = load_config(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     files = [MetadataCatalog.get(name).get("json_file") for name in (datasets.train, datasets.val)]
     return hashlib.sha256((cfg.dump() + "\n".join(files)).encode()).hexdigest()
 
 
-def _train_start(options: DemoOptions, paths: DemoPaths, datasets: DemoDatasets, output: Path) -> Tuple[Run, int]:
+def _train_start(options: DemoOptions, datasets: DemoDatasets, output: Path) -> Tuple[Run, int]:
     """Trains the shared start, or reuses the one a previous demo trained with
     the same config and data; returns it and its iterations."""
-    config_file = paths.config_dir / START_CONFIG
+    config_file = demo_config(START_CONFIG)
     iters = _iterations(options.start_iters, options.quick, config_file)
     run = Run(START, 0, output / "runs" / "start")
     opts = ["SEED", "0", "OUTPUT_DIR", str(run.output_dir)] + schedule_opts(config_file, iters)
@@ -129,7 +120,7 @@ def _train_start(options: DemoOptions, paths: DemoPaths, datasets: DemoDatasets,
         return run, iters
     shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
     threads = os.cpu_count() or 1  # nothing else runs meanwhile
-    spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net, threads)
+    spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
     log(
         f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
         f"with {threads} torch thread(s)"
@@ -145,25 +136,20 @@ def _object_centers(record: Dict) -> List[Tuple[float, float]]:
     return [(x + w / 2 - 0.5, y + h / 2 - 0.5) for x, y, w, h in (a["bbox"] for a in record["annotations"])]
 
 
-def _draw_pictures(paths: DemoPaths, run: Run, val_records: Sequence[Dict], output: Path) -> None:
-    """tools/visualize.py on a few validation images: the units at the
-    objects' annotated centers, and the RoI bins of the detections."""
+def _draw_pictures(run: Run, val_records: Sequence[Dict], output: Path) -> None:
+    """The sampling-location pictures (as tools/visualize.py draws them) of a
+    few validation images: the units at the objects' annotated centers, and
+    the RoI bins of the detections."""
     records = val_records[:PICTURE_IMAGES]
     log(f"drawing the sampling locations of {run.model.title} on {len(records)} validation images")
+    cfg, model = load_detector(str(run.output_dir / "config.yaml"), run.output_dir / "model_final.pth")
     for record in records:
-        units = [value for x, y in _object_centers(record) for value in ("--unit", f"{x:g}", f"{y:g}")]
-        subprocess.run(
-            [sys.executable, str(paths.visualize),
-             "--config-file", str(run.output_dir / "config.yaml"),
-             "--weights", str(run.output_dir / "model_final.pth"),
-             "--input", record["file_name"],
-             "--output", str(output),
-             *units],
-            check=True,
-        )  # fmt: skip
+        image = Path(record["file_name"])
+        for path in save_detector_pictures(cfg, model, image, output, image.stem, units=_object_centers(record)):
+            log(f"wrote {path}")
 
 
-def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
+def run_demo(options: DemoOptions) -> Dict:
     """Runs the demo; returns what results.json holds."""
     unknown = [name for name in options.models if name not in DEMO_MODELS]
     if unknown:
@@ -174,20 +160,20 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     output.mkdir(parents=True, exist_ok=True)
     datasets = register_demo_datasets(options.quick)
     val_records = _prepare_datasets(datasets)
-    start_run, start_iters = _train_start(options, paths, datasets, output)
+    start_run, start_iters = _train_start(options, datasets, output)
 
-    iters = _iterations(options.iters, options.quick, paths.config_dir / "Base-Demo.yaml")
+    iters = _iterations(options.iters, options.quick, demo_config("Base-Demo"))
     runs, queue = [], []
     threads = max(1, (os.cpu_count() or 1) // options.jobs)
     for model in (DEMO_MODELS[name] for name in options.models):
         for seed in options.seeds:
-            config_file = paths.config_dir / f"{model.name}.yaml"
+            config_file = demo_config(model.name)
             run = Run(model, seed, output / "runs" / f"{model.name}_seed{seed}")
             opts = ["SEED", str(seed), "OUTPUT_DIR", str(run.output_dir),
                     "MODEL.WEIGHTS", str(start_run.output_dir / "model_final.pth")]  # fmt: skip
             opts += schedule_opts(config_file, iters)
             opts += quick_opts(datasets) if options.quick else []
-            spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, paths.train_net, threads)
+            spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
             runs.append(run)
             queue.append((f"{model.title}, seed {seed}", run, spec))
     # The longest runs first: side by side, the last ones then end together.
@@ -202,7 +188,7 @@ def run_demo(options: DemoOptions, paths: DemoPaths) -> Dict:
     plot_losses(runs, output / "losses.png")
     picture_runs = [run for run in runs if run.model.name == PICTURE_MODEL]
     if picture_runs:
-        _draw_pictures(paths, picture_runs[0], val_records, output / "pictures")
+        _draw_pictures(picture_runs[0], val_records, output / "pictures")
     else:
         log(f"no pictures: the sampling locations are drawn for the {PICTURE_MODEL} model, which was not trained")
 

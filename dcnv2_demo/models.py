@@ -1,12 +1,9 @@
-"""The models the demo compares, each a config file in configs/demo/."""
+"""The models the demo compares, each a packaged config in configs/demo/."""
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict
 
-from detectron2.config import CfgNode, get_cfg
-
-from ..config import add_dcnv2_config
+from dcnv2_plugin.model_zoo import get_config_file
 
 
 @dataclass(frozen=True)
@@ -31,9 +28,6 @@ DEMO_MODELS: Dict[str, DemoModel] = {
 }
 
 
-def load_config(config_file: Path) -> CfgNode:
-    """A demo config (or one detectron2 saved from it), with the project's keys."""
-    cfg = get_cfg()
-    add_dcnv2_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    return cfg
+def demo_config(name: str) -> str:
+    """The packaged demo config `name` (e.g. "dcnv2" or "Base-Demo")."""
+    return get_config_file(f"demo/{name}.yaml")

@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence
 from detectron2.modeling import build_model
 from matplotlib.figure import Figure
 
-from .models import DemoModel, load_config
+from dcnv2_plugin.config import load_config
+
+from .models import DemoModel
 
 # COCOEvaluator's task names, as the table labels them.
 TASKS = {"bbox": "box", "segm": "mask"}
@@ -57,7 +59,7 @@ def evaluation_results(metrics: Sequence[Dict]) -> Dict[str, float]:
 def count_parameters(config_file: Path) -> int:
     """Parameters of the model a config describes (mimicking's classifier, used
     only in training, included)."""
-    return sum(p.numel() for p in build_model(load_config(config_file)).parameters())
+    return sum(p.numel() for p in build_model(load_config(str(config_file))).parameters())
 
 
 def _finite_or_none(value: float) -> Optional[float]:

@@ -1,9 +1,8 @@
 """One demo run (one model, one seed), meant to run in a process of its own:
-trains with train_net.py's Trainer, which then evaluates with its
+trains with the Trainer of train_net.py (dcnv2_plugin.engine), which then evaluates with its
 COCOEvaluator; the demo also times the model's forward pass on each test
 image."""
 
-import importlib.util
 import os
 import sys
 import time
@@ -12,19 +11,19 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
-from detectron2.engine import default_argument_parser
 from torch import nn
+
+from dcnv2_plugin.engine import Trainer, parse_args, setup
 
 from .datasets import register_demo_datasets
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    config_file: Path
+    config_file: str  # a path or a packaged config's name
     output_dir: Path
     opts: Tuple[str, ...]  # KEY VALUE config overrides, after the config file
     quick: bool  # which datasets the opts name (see datasets.py)
-    train_net: Path  # the project's train_net.py
     threads: int = 1  # torch threads of this run
 
 
@@ -49,26 +48,16 @@ class InferenceTimer(nn.Module):
         return sum(timed) / len(timed)
 
 
-def load_train_net(path: Path):
-    spec = importlib.util.spec_from_file_location("train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class TimedTrainer(Trainer):
+    """The Trainer whose evaluation (run by its hook after the last
+    iteration) also reports the inference time per image."""
 
-
-def _timed_trainer_class(trainer_class):
-    class TimedTrainer(trainer_class):
-        """The Trainer whose evaluation (run by its hook after the last
-        iteration) also reports the inference time per image."""
-
-        @classmethod
-        def test(cls, cfg, model, evaluators=None):
-            timer = InferenceTimer(model)
-            results = super().test(cfg, timer, evaluators)
-            # The trainer's evaluation hook writes these to metrics.json too.
-            return {**results, "inference": {"seconds_per_image": timer.seconds_per_image()}}
-
-    return TimedTrainer
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        timer = InferenceTimer(model)
+        results = super().test(cfg, timer, evaluators)
+        # The trainer's evaluation hook writes these to metrics.json too.
+        return {**results, "inference": {"seconds_per_image": timer.seconds_per_image()}}
 
 
 def train_and_evaluate(run: RunSpec) -> None:
@@ -76,10 +65,8 @@ def train_and_evaluate(run: RunSpec) -> None:
     time among them, land in the run's metrics.json with the losses."""
     torch.set_num_threads(run.threads)
     register_demo_datasets(run.quick)
-    train_net = load_train_net(run.train_net)
-    args = default_argument_parser().parse_args(["--config-file", str(run.config_file), *run.opts])
-    cfg = train_net.setup(args)
-    trainer = _timed_trainer_class(train_net.Trainer)(cfg)
+    cfg = setup(parse_args(["--config-file", str(run.config_file), *run.opts]))
+    trainer = TimedTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
 

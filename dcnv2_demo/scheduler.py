@@ -80,7 +80,7 @@ def _finish(active: _ActiveRun) -> None:
     if active.process.exitcode != 0:
         print(_tail(active.console_log), file=sys.stderr, flush=True)
         raise RuntimeError(
-            f"training {active.spec.config_file.name} failed (exit code {active.process.exitcode}); "
+            f"training {Path(active.spec.config_file).name} failed (exit code {active.process.exitcode}); "
             f"the end of its log is above, all of it in {active.console_log}"
         )
     log(f"{active.label}: done in {minutes(time.perf_counter() - active.start)}")
