@@ -93,7 +93,7 @@ def _ort_deform_conv(x, weight, offset, mask, threads):
     """ONNX Runtime's DeformConv (opset 19) session, or None if not installed."""
     try:
         import numpy as np
-        import onnx
+        import onnx  # noqa: F401  (its helper builds the model below)
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
