@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..data import register_embedded_datasets
+from ..modeling import check_config
 from .launch import launch
 from .trainer import Trainer
 
@@ -30,6 +31,7 @@ def setup(args):
     """The frozen config of `args` (config file, then KEY VALUE overrides),
     after detectron2's `default_setup` (logging, output folder, seed)."""
     cfg = load_config(args.config_file, args.opts)
+    check_config(cfg)
     register_embedded_datasets(cfg)
     cfg.freeze()
     default_setup(cfg, args)

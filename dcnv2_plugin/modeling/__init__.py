@@ -9,6 +9,7 @@ from .backbone import (
     build_dcnv2_resnet_backbone,
     build_dcnv2_resnet_fpn_backbone,
 )
+from .config_checks import check_config
 from .mimic import MimicRCNN
 from .optimizer import build_optimizer
 from .poolers import DeformableROIPooler
@@ -24,4 +25,5 @@ __all__ = [
     "DCNv2ROIHeads",
     "MimicRCNN",
     "build_optimizer",
+    "check_config",
 ]

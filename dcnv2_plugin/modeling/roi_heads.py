@@ -6,8 +6,9 @@ MODEL.ROI_MASK_HEAD.POOLER_TYPE accept "DeformRoIPool" (DCNv1) and
 "ModulatedDeformRoIPool" (DCNv2); everything else is `StandardROIHeads`.
 """
 
-from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 
+from .config_checks import check_mimic_architecture
 from .poolers import DEFORMABLE_POOLER_TYPES, DeformableROIPooler, check_pooler_type
 
 
@@ -44,22 +45,6 @@ def _init_head_with_pooler(init_head, cfg, input_shape, head_key: str, pooler_ke
     return ret
 
 
-def _check_mimic_architecture(cfg) -> None:
-    """MODEL.DCNV2.MIMIC.ENABLED takes effect through the MimicRCNN
-    meta-architecture only: refuse a config where it would do nothing."""
-    if not cfg.MODEL.DCNV2.MIMIC.ENABLED:
-        return
-    from .mimic import MimicRCNN
-
-    architecture = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    if not issubclass(architecture, MimicRCNN):
-        raise ValueError(
-            f"MODEL.DCNV2.MIMIC.ENABLED is True but MODEL.META_ARCHITECTURE is "
-            f"'{cfg.MODEL.META_ARCHITECTURE}', which does not run the mimicking branch: "
-            "set MODEL.META_ARCHITECTURE to 'MimicRCNN' (see the *_mimic.yaml configs)"
-        )
-
-
 @ROI_HEADS_REGISTRY.register()
 class DCNv2ROIHeads(StandardROIHeads):
     """`StandardROIHeads` with (modulated) deformable RoI pooling available to
@@ -67,7 +52,7 @@ class DCNv2ROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        _check_mimic_architecture(cfg)
+        check_mimic_architecture(cfg)
         return super().from_config(cfg, input_shape)
 
     @classmethod
