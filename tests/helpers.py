@@ -148,3 +148,52 @@ def tiny_training_opts(dataset: str, output_dir: Path) -> list:
 def read_metrics(output_dir: Path):
     """The lines of detectron2's metrics.json."""
     return [json.loads(line) for line in (Path(output_dir) / "metrics.json").read_text().splitlines() if line]
+
+
+def train_checking_replicas(args):
+    """`dcnv2_plugin.engine.main` for the multi-process tests: trains on the
+    quick demo splits with a hook that compares every parameter across the
+    processes after each step; rank 0 writes what it saw to
+    OUTPUT_DIR/replicas.json. Module-level, so that spawned processes can
+    unpickle it."""
+    import hashlib
+
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+
+    from dcnv2_demo.datasets import register_demo_datasets
+    from dcnv2_plugin.engine import Trainer, setup
+
+    register_demo_datasets(quick=True)
+    cfg = setup(args)
+    steps = []
+
+    class CompareReplicas(HookBase):
+        def after_step(self):
+            model = self.trainer.model
+            model = getattr(model, "module", model)  # inside DistributedDataParallel
+            digests = {
+                name: hashlib.sha256(param.detach().cpu().numpy().tobytes()).hexdigest()
+                for name, param in model.named_parameters()
+            }
+            every_rank = comm.all_gather(digests)
+            losses = {k: v.latest() for k, v in self.trainer.storage.histories().items() if "loss" in k}
+            steps.append(
+                {
+                    "iteration": self.trainer.iter,
+                    "identical": all(d == every_rank[0] for d in every_rank),
+                    "ranks": len(every_rank),
+                    "parameters": len(digests),
+                    "losses": losses,
+                }
+            )
+
+    trainer = Trainer(cfg)
+    trainer.register_hooks([CompareReplicas()])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    if comm.is_main_process():
+        # What the trainer's evaluation hook got after the last iteration.
+        results = trainer._last_eval_results
+        report = {"world_size": comm.get_world_size(), "steps": steps, "test": results}
+        (Path(cfg.OUTPUT_DIR) / "replicas.json").write_text(json.dumps(report))

@@ -26,6 +26,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_process(processes_per_machine: int) -> int:
+    """Torch threads of each of a machine's CPU processes: $OMP_NUM_THREADS
+    where the user set it, else the cores split evenly. More threads than
+    cores would make each process wait on the others' spinning threads."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, available_cores() // processes_per_machine)
+
+
 def _free_local_url() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +105,7 @@ def launch(
         return main_func(*args)
     if dist_url == "auto":
         dist_url = _free_local_url()
-    threads = max(1, available_cores() // processes_per_machine)
+    threads = threads_per_process(processes_per_machine)
     mp.start_processes(
         _cpu_worker,
         nprocs=processes_per_machine,
@@ -109,7 +118,6 @@ def launch(
 def _cpu_worker(
     local_rank, main_func, world_size, processes_per_machine, machine_rank, dist_url, args, timeout, threads
 ):
-    # More threads than cores would make each process wait on the others' threads.
     torch.set_num_threads(threads)
     rank = machine_rank * processes_per_machine + local_rank
     try:

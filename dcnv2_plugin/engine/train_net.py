@@ -10,6 +10,7 @@ starts N processes per machine: one per GPU, or with MODEL.DEVICE cpu, N CPU
 processes (gloo) that share the cores.
 """
 
+import copy
 import logging
 
 import detectron2.utils.comm as comm
@@ -20,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..data import register_embedded_datasets
+from ..model_zoo import get_config_file
 from ..modeling import check_config
 from .launch import launch
 from .trainer import Trainer
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 def setup(args):
     """The frozen config of `args` (config file, then KEY VALUE overrides),
     after detectron2's `default_setup` (logging, output folder, seed)."""
+    # detectron2's default_setup logs the config file's text: give it the path.
+    args = copy.copy(args)
+    args.config_file = get_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts)
     check_config(cfg)
     register_embedded_datasets(cfg)
