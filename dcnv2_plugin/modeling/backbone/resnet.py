@@ -17,10 +17,13 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from .deformable_blocks import DeformBasicBlock, DeformBottleneckBlock
 from .spatial_transformer import insert_spatial_transformer
 
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
-def _check_resnet_config(cfg) -> None:
+def check_resnet_config(cfg) -> None:
+    """Raises an error naming the MODEL.RESNETS key (or the missing MODEL.DCNV2
+    keys) that this project's ResNet stages cannot be built with."""
     if "DCNV2" not in cfg.MODEL:
         raise KeyError("cfg has no MODEL.DCNV2: call dcnv2_plugin.add_dcnv2_config(cfg) before merging a config file")
     resnets = cfg.MODEL.RESNETS
@@ -44,13 +47,15 @@ def _check_resnet_config(cfg) -> None:
             raise ValueError(f"ResNet-{resnets.DEPTH} (basic blocks) needs " + ", ".join(wrong))
 
 
-def _stage_blocks(cfg, stage_index: int, in_channels: int, out_channels: int, bottleneck_channels: int):
+def make_resnet_stage(
+    cfg, stage_index: int, in_channels: int, out_channels: int, bottleneck_channels: int, *, dilation: int
+):
     """The blocks of stage res{stage_index + 2}, with the block class for its
-    depth and deformability."""
+    depth and deformability (MODEL.RESNETS.DEFORM_ON_PER_STAGE[stage_index]).
+
+    Also builds the res5 of C4 models, which sits in their ROI heads."""
     resnets = cfg.MODEL.RESNETS
     num_blocks = _BLOCKS_PER_STAGE[resnets.DEPTH][stage_index]
-    is_res5 = stage_index == 3
-    dilation = resnets.RES5_DILATION if is_res5 else 1
     # res2 keeps the stem's stride; a dilated res5 keeps res4's (DC5).
     first_stride = 1 if stage_index == 0 or dilation == 2 else 2
     deformable = resnets.DEFORM_ON_PER_STAGE[stage_index]
@@ -80,16 +85,22 @@ def _stage_blocks(cfg, stage_index: int, in_channels: int, out_channels: int, bo
 def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """A detectron2 `ResNet` whose stages in MODEL.RESNETS.DEFORM_ON_PER_STAGE
     have (modulated) deformable 3x3 convs; see the module docstring."""
-    _check_resnet_config(cfg)
+    check_resnet_config(cfg)
     resnets = cfg.MODEL.RESNETS
     stem = BasicStem(in_channels=input_shape.channels, out_channels=resnets.STEM_OUT_CHANNELS, norm=resnets.NORM)
 
     in_channels = resnets.STEM_OUT_CHANNELS
     out_channels = resnets.RES2_OUT_CHANNELS
     bottleneck_channels = resnets.NUM_GROUPS * resnets.WIDTH_PER_GROUP
+    # The stages up to the last one in OUT_FEATURES, as detectron2's builder:
+    # a C4 backbone (OUT_FEATURES ["res4"]) has no res5, its ROI heads have it.
+    num_stages = max(_STAGE_NAMES.index(f) + 1 if f in _STAGE_NAMES else 0 for f in resnets.OUT_FEATURES)
     stages = []
-    for stage_index in range(4):
-        stages.append(_stage_blocks(cfg, stage_index, in_channels, out_channels, bottleneck_channels))
+    for stage_index in range(num_stages):
+        dilation = resnets.RES5_DILATION if stage_index == 3 else 1
+        stages.append(
+            make_resnet_stage(cfg, stage_index, in_channels, out_channels, bottleneck_channels, dilation=dilation)
+        )
         in_channels = out_channels
         out_channels *= 2
         bottleneck_channels *= 2
