@@ -113,6 +113,21 @@ def test_c4_res5_head_blocks_follow_deform_on_per_stage(deformable, modulated):
             assert type(block) is BottleneckBlock
 
 
+def test_c4_regular_config_builds_detectron2s_c4_model():
+    """Regular convs and pooling: detectron2's C4 Faster R-CNN, parameter for
+    parameter, from the same seed (both backbone builders draw the values of
+    a res5 that `ResNet` then drops)."""
+    ours = build_tiny_model(C4_REGULAR_CONFIG)
+    theirs = build_tiny_model(
+        C4_REGULAR_CONFIG, "MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.ROI_HEADS.NAME", "Res5ROIHeads"
+    )
+    assert type(theirs.roi_heads) is Res5ROIHeads
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for key in ours_state:
+        assert torch.equal(ours_state[key], theirs_state[key]), key
+
+
 def test_c4_heads_with_roi_align_are_detectron2s_res5_roi_heads():
     """Same parameters, same outputs: a checkpoint of detectron2's C4 heads loads
     and gives its results."""

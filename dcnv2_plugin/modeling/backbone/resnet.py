@@ -17,7 +17,6 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from .deformable_blocks import DeformBasicBlock, DeformBottleneckBlock
 from .spatial_transformer import insert_spatial_transformer
 
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
@@ -92,11 +91,12 @@ def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     in_channels = resnets.STEM_OUT_CHANNELS
     out_channels = resnets.RES2_OUT_CHANNELS
     bottleneck_channels = resnets.NUM_GROUPS * resnets.WIDTH_PER_GROUP
-    # The stages up to the last one in OUT_FEATURES, as detectron2's builder:
-    # a C4 backbone (OUT_FEATURES ["res4"]) has no res5, its ROI heads have it.
-    num_stages = max(_STAGE_NAMES.index(f) + 1 if f in _STAGE_NAMES else 0 for f in resnets.OUT_FEATURES)
     stages = []
-    for stage_index in range(num_stages):
+    # All four, as detectron2's builder, so that a regular model starts from
+    # the same values for the same seed: `ResNet` drops the stages after the
+    # last one in OUT_FEATURES (a C4 backbone ends at res4; its ROI heads
+    # build their own res5).
+    for stage_index in range(4):
         dilation = resnets.RES5_DILATION if stage_index == 3 else 1
         stages.append(
             make_resnet_stage(cfg, stage_index, in_channels, out_channels, bottleneck_channels, dilation=dilation)
