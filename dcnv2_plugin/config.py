@@ -3,7 +3,8 @@
 detectron2's own keys keep their meaning; in particular the deformable
 backbone is chosen with MODEL.RESNETS.DEFORM_ON_PER_STAGE, DEFORM_MODULATED
 and DEFORM_NUM_GROUPS, and the deformable RoI pooling with
-MODEL.ROI_BOX_HEAD.POOLER_TYPE (and ROI_MASK_HEAD.POOLER_TYPE).
+MODEL.ROI_BOX_HEAD.POOLER_TYPE (and ROI_MASK_HEAD.POOLER_TYPE,
+ROI_KEYPOINT_HEAD.POOLER_TYPE).
 """
 
 from typing import Sequence
@@ -33,6 +34,12 @@ def add_dcnv2_config(cfg: CN) -> None:
     _C.MODEL.DCNV2.DEFORM_POOL = CN()
     # Width of the branch's two hidden fc layers (1024 in the paper).
     _C.MODEL.DCNV2.DEFORM_POOL.FC_DIM = 1024
+    # Channels a 1x1 conv + ReLU reduces the branch's input RoI features to
+    # before its first fc; 0 (the paper's branch): none. The first fc has
+    # channels x pooled bins x FC_DIM weights: 13M on FPN's 256-channel 7x7
+    # RoIs, but 205M on C4's 1024-channel 14x14 ones, where the C4 configs
+    # reduce to 64 channels (as many inputs as on FPN).
+    _C.MODEL.DCNV2.DEFORM_POOL.BRANCH_CHANNELS = 0
     # Scale of the normalized bin offsets: a bin moves by GAMMA * offset *
     # (RoI width, RoI height) (DCNv1, Sec. 2.2: gamma = 0.1).
     _C.MODEL.DCNV2.DEFORM_POOL.GAMMA = 0.1

@@ -12,6 +12,7 @@ from helpers import CONFIG_DIR
 
 import dcnv2_plugin  # noqa: F401  (registers MimicRCNN and the DCNv2 components)
 from dcnv2_plugin.config import load_config
+from dcnv2_plugin.modeling import check_config
 from dcnv2_plugin.modeling.mimic import MimicRCNN, RCNNFeatureMimicking, mimic_loss
 from dcnv2_plugin.modeling.mimic_sampling import crop_and_resize, sample_positive_rois
 
@@ -20,7 +21,9 @@ MIMIC_CONFIGS = [
     "COCO-Detection/faster_rcnn_R_50_FPN_regular_mimic.yaml",
     "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool_mimic.yaml",
     "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_regular_mimic.yaml",
+    "COCO-InstanceSegmentation/cascade_mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool_mimic.yaml",
 ]
+CASCADE_MIMIC_CONFIG = MIMIC_CONFIGS[4]
 NUM_CLASSES = 3
 IMAGE_HEIGHT, IMAGE_WIDTH = 64, 96
 
@@ -187,6 +190,26 @@ def test_mimic_losses_send_gradient_through_the_crops_into_backbone_and_shared_h
     assert model.mimic.cls_score.weight.grad.abs().sum() > 0
 
 
+def test_cascade_mimicking_trains_the_final_stage_only():
+    model = tiny_model(CASCADE_MIMIC_CONFIG)
+    heads = model.roi_heads
+    head_shape = heads.box_head[2].output_shape
+    assert model.mimic.cls_score.in_features == head_shape.channels
+    rois = training_rois([[[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]], [[0, 2]])
+    losses = run_branch(model, rois)
+
+    losses["loss_mimic"].backward()
+    for stage in range(3):
+        for name, module in [("box head", heads.box_head[stage]), ("box pooler", heads.box_pooler[stage])]:
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            if stage == 2:
+                assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reached the final {name}"
+            else:
+                assert not grads, f"the mimic loss reached the {name} of stage {stage}"
+    grads = [p.grad for p in model.backbone.bottom_up.res5.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_no_positive_roi_gives_zero_losses_still_connected_to_the_graph():
     model = tiny_model(MIMIC_CONFIGS[1])
     background = NUM_CLASSES
@@ -308,13 +331,32 @@ def test_disabled_mimicking_is_plain_generalized_rcnn():
         (["MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES", True], "TRAIN_ON_PRED_BOXES"),
         (
             ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", True],
-            "needs StandardROIHeads",
+            "set MODEL.ROI_HEADS.NAME to 'DCNv2CascadeROIHeads'",
+        ),
+        (
+            ["MODEL.ROI_HEADS.NAME", "DCNv2Res5ROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p4"]],
+            "builds DCNv2Res5ROIHeads",
         ),
     ],
 )
 def test_unsupported_settings_are_refused_when_building(override, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(MIMIC_CONFIGS[1], override)
+
+
+@pytest.mark.parametrize(
+    "heads, message",
+    [
+        ("CascadeROIHeads", "set MODEL.ROI_HEADS.NAME to 'DCNv2CascadeROIHeads'"),
+        ("Res5ROIHeads", "needs StandardROIHeads or a subclass"),
+    ],
+)
+def test_heads_mimicking_cannot_use_are_refused_before_building(heads, message):
+    # Without the check, detectron2's CascadeROIHeads would stop at its own
+    # assertion about class-agnostic box regression while being built.
+    cfg = load_config(MIMIC_CONFIGS[1], TINY_MODEL + ["MODEL.ROI_HEADS.NAME", heads])
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)  # what train_net's setup runs before building
 
 
 def test_mimicking_without_its_meta_architecture_is_refused():

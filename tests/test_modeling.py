@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
 from helpers import CONFIG_DIR, DEVICES, parameters_without_gradient, perturb_zero_initialized_weights
 
@@ -15,10 +15,16 @@ from dcnv2_plugin.config import load_config
 from dcnv2_plugin.modeling import build_optimizer
 from dcnv2_plugin.ops import GeometryPredictor
 
-# This project's ablation configs (the mimicking and demo configs are tested with their code).
-ABLATION_CONFIGS = sorted(p for p in CONFIG_DIR.glob("COCO-*/*.yaml") if "mimic" not in p.name)
+# This project's COCO detector configs (the mimicking and demo configs are
+# tested with their code, the bases through their leaves).
+ABLATION_CONFIGS = sorted(
+    p for p in CONFIG_DIR.glob("COCO-*/*.yaml") if "mimic" not in p.name and not p.name.startswith("Base-")
+)
 CONFIG_IDS = [p.name for p in ABLATION_CONFIGS]
 MDCONV_MASK_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
+C4_DPOOL_CONFIG = CONFIG_DIR / "COCO-Detection" / "faster_rcnn_R_50_C4_dconv_c5_dpool.yaml"
+CASCADE_MDPOOL_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "cascade_mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
+KEYPOINT_MDPOOL_CONFIG = CONFIG_DIR / "COCO-Keypoints" / "keypoint_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 64, 96
 TINY_OVERRIDES = [
@@ -72,18 +78,32 @@ def build_tiny_model(config_file, *overrides, seed=0):
     return build_model(tiny_cfg(config_file, *overrides))
 
 
-def training_batch():
+def training_batch(num_classes=80, num_keypoints=0):
+    """One image with two objects: boxes, classes below `num_classes`, masks,
+    and with `num_keypoints`, that many visible keypoints each."""
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(3, IMAGE_HEIGHT, IMAGE_WIDTH, generator=generator) * 255
     boxes = torch.tensor([[8.0, 6.0, 60.0, 50.0], [50.0, 20.0, 90.0, 60.0]])
     instances = Instances((IMAGE_HEIGHT, IMAGE_WIDTH))
     instances.gt_boxes = Boxes(boxes)
-    instances.gt_classes = torch.tensor([3, 7])
+    instances.gt_classes = torch.tensor([3, 7]) % num_classes
     masks = torch.zeros(len(boxes), IMAGE_HEIGHT, IMAGE_WIDTH, dtype=torch.bool)
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
         mask[y1:y2, x1:x2] = True
     instances.gt_masks = BitMasks(masks)
+    if num_keypoints:
+        # Points spread inside each box, all visible (v = 2).
+        fractions = torch.rand(len(boxes), num_keypoints, 2, generator=generator) * 0.8 + 0.1
+        xy = boxes[:, None, :2] + fractions * (boxes[:, None, 2:] - boxes[:, None, :2])
+        instances.gt_keypoints = Keypoints(torch.cat([xy, torch.full_like(xy[..., :1], 2.0)], dim=2))
     return [{"image": image, "instances": instances, "height": IMAGE_HEIGHT, "width": IMAGE_WIDTH}]
+
+
+def model_training_batch(model):
+    """`training_batch` with the classes and keypoints of `model`'s ROI heads."""
+    roi_heads = model.roi_heads
+    num_keypoints = roi_heads.keypoint_head.num_keypoints if getattr(roi_heads, "keypoint_on", False) else 0
+    return training_batch(roi_heads.num_classes, num_keypoints)
 
 
 # The zero-initialized output layers of the RoI offset branch and of the
@@ -96,7 +116,7 @@ ZERO_INITIALIZED_OUTPUTS = ("offset_predictor.predictor.weight", "localization.t
 def train_one_step(model):
     model.train()
     with EventStorage():
-        losses = model(training_batch())
+        losses = model(model_training_batch(model))
     sum(losses.values()).backward()
     return losses
 
@@ -108,18 +128,33 @@ def test_training_step_has_finite_losses_and_reaches_every_parameter(config_file
     losses = train_one_step(model)
 
     assert "loss_mask" in losses if model.roi_heads.mask_on else "loss_mask" not in losses
+    assert ("loss_keypoint" in losses) == ("keypoint" in config_file.name)
     for name, loss in losses.items():
         assert math.isfinite(loss.item()), name
     assert parameters_without_gradient(model) == []
     names = [name for name, _ in model.named_parameters()]
     assert any("conv2_offset" in n for n in names) == ("dconv" in config_file.name)
-    assert any("box_pooler.offset_predictor" in n for n in names) == ("pool" in config_file.name)
+    assert any("offset_predictor" in n for n in names) == ("pool" in config_file.name)
+
+
+def calibrate_batch_norms(model):
+    """BatchNorm statistics measured on the training batch. The initial ones
+    (mean 0, variance 1) normalize nothing: in eval mode an untrained model's
+    activations then grow stage by stage, and C4's res5 head turns them into
+    box deltas that leave no box inside the small image."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batches
+    with EventStorage(), torch.no_grad():
+        model.train()(model_training_batch(model))
+    return model.eval()
 
 
 @pytest.mark.parametrize("config_file", ABLATION_CONFIGS, ids=CONFIG_IDS)
 def test_inference_returns_instances(config_file):
-    model = build_tiny_model(config_file).eval()
-    batch = training_batch()
+    model = calibrate_batch_norms(build_tiny_model(config_file))
+    batch = model_training_batch(model)
     del batch[0]["instances"]
     with torch.no_grad():
         (output,) = model(batch)
@@ -133,10 +168,24 @@ def test_inference_returns_instances(config_file):
         assert instances.pred_masks.shape == (len(instances), IMAGE_HEIGHT, IMAGE_WIDTH)
     else:
         assert not instances.has("pred_masks")
+    if "keypoint" in config_file.name:
+        assert instances.pred_keypoints.shape == (len(instances), model.roi_heads.keypoint_head.num_keypoints, 3)
+    else:
+        assert not instances.has("pred_keypoints")
 
 
-def test_checkpoint_round_trip_is_bit_exact(tmp_path):
-    model = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, seed=0)
+@pytest.mark.parametrize(
+    "config_file, overrides",
+    [
+        (MDCONV_MASK_CONFIG, ["MODEL.DCNV2.STN.ENABLED", True]),
+        (C4_DPOOL_CONFIG, ["MODEL.MASK_ON", True]),
+        (CASCADE_MDPOOL_CONFIG, []),
+        (KEYPOINT_MDPOOL_CONFIG, []),
+    ],
+    ids=["fpn-mask-stn", "c4-mask", "cascade-mask", "keypoint"],
+)
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, config_file, overrides):
+    model = build_tiny_model(config_file, *overrides, seed=0)
     # Change every floating tensor (parameters and BN statistics) away from its
     # initialization, so a tensor that failed to load could not match by chance.
     generator = torch.Generator().manual_seed(2)
@@ -146,7 +195,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
                 tensor.add_(torch.rand(tensor.shape, generator=generator))
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("checkpoint")
 
-    restored = build_tiny_model(MDCONV_MASK_CONFIG, "MODEL.DCNV2.STN.ENABLED", True, seed=1)
+    restored = build_tiny_model(config_file, *overrides, seed=1)
     DetectionCheckpointer(restored).load(str(tmp_path / "checkpoint.pth"))
     saved, loaded = model.state_dict(), restored.state_dict()
     assert saved.keys() == loaded.keys()

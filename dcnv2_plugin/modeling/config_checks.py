@@ -3,7 +3,9 @@ ignore or report as someone else's error. `train_net.py` (the engine's
 `setup`) runs them before anything is built; each raises a ValueError naming
 the keys at fault and what to change."""
 
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
+
+from .poolers import DEFORMABLE_POOLER_TYPES, DETECTRON2_POOLER_TYPES
 
 
 def check_mimic_architecture(cfg) -> None:
@@ -22,7 +24,57 @@ def check_mimic_architecture(cfg) -> None:
         )
 
 
-CONFIG_CHECKS = (check_mimic_architecture,)
+def _pooling_heads_in_use(cfg):
+    """Config keys of the heads that pool: the box head, and the mask and
+    keypoint heads when they are on."""
+    heads = ["ROI_BOX_HEAD"]
+    if cfg.MODEL.MASK_ON:
+        heads.append("ROI_MASK_HEAD")
+    if cfg.MODEL.KEYPOINT_ON:
+        heads.append("ROI_KEYPOINT_HEAD")
+    return heads
+
+
+def check_deformable_pooler_types(cfg, head_class: type) -> None:
+    """Refuse a deformable POOLER_TYPE in a head that the ROI heads class
+    `head_class` does not pool deformably: detectron2's own heads would say
+    "Unknown pooler type", C4's mask head (which has no pooler) nothing.
+
+    A class lists the heads it can pool deformably, by config key, in its
+    `deformable_pooler_heads` attribute."""
+    honoured = getattr(head_class, "deformable_pooler_heads", ())
+    for head_key in _pooling_heads_in_use(cfg):
+        pooler_type = cfg.MODEL[head_key].POOLER_TYPE
+        if pooler_type not in DEFORMABLE_POOLER_TYPES or head_key in honoured:
+            continue
+        able = [name for name, obj in ROI_HEADS_REGISTRY if head_key in getattr(obj, "deformable_pooler_heads", ())]
+        if honoured:
+            cannot = "pools deformably only with " + ", ".join(f"MODEL.{key}.POOLER_TYPE" for key in honoured)
+        else:
+            cannot = "has no deformable pooling"
+        raise ValueError(
+            f"MODEL.{head_key}.POOLER_TYPE is {pooler_type!r}, but MODEL.ROI_HEADS.NAME "
+            f"{cfg.MODEL.ROI_HEADS.NAME!r} ({head_class.__module__}.{head_class.__name__}) {cannot}. "
+            f"ROI heads that can: {', '.join(able)}. Set MODEL.ROI_HEADS.NAME to one of them, or "
+            f"MODEL.{head_key}.POOLER_TYPE to one of {', '.join(DETECTRON2_POOLER_TYPES)}"
+        )
+
+
+def check_roi_heads_support(cfg) -> None:
+    """The ROI heads MODEL.ROI_HEADS.NAME builds can do what the config asks
+    of them: pool deformably where a POOLER_TYPE says so, and serve R-CNN
+    feature mimicking when it is on. (An unknown name is left to detectron2.)"""
+    if cfg.MODEL.ROI_HEADS.NAME not in ROI_HEADS_REGISTRY:
+        return
+    head_class = ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME)
+    check_deformable_pooler_types(cfg, head_class)
+    if cfg.MODEL.DCNV2.MIMIC.ENABLED:
+        from .mimic import check_mimicked_roi_heads
+
+        check_mimicked_roi_heads(head_class)
+
+
+CONFIG_CHECKS = (check_mimic_architecture, check_roi_heads_support)
 
 
 def check_config(cfg) -> None:

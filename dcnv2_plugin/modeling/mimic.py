@@ -8,9 +8,18 @@ crop alone. Inference is unchanged: the branch only adds training losses.
 
 `MimicRCNN` is the meta-architecture that runs it: the ROI heads never see
 the backbone, which the R-CNN branch needs for the crops.
+
+With Cascade R-CNN (`DCNv2CascadeROIHeads`) the final stage's pooler and box
+head are mimicked, on that stage's RoIs. That stage gives the detector's
+boxes, and its positives (IoU >= 0.7 by default) are the RoIs whose crops
+best show their object, R-CNN's premise. One stage keeps the branch's cost,
+mostly the backbone on the crops, that of a single-head detector: mimicking
+every stage on its own RoIs would triple it, and on shared RoIs would call
+objects RoIs that the later stages learn to call background. The backbone
+that all stages read is guided either way.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +30,10 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .cascade_roi_heads import DCNv2CascadeROIHeads
 from .mimic_sampling import crop_and_resize, sample_positive_rois
 
-__all__ = ["MimicRCNN", "RCNNFeatureMimicking", "mimic_loss"]
+__all__ = ["MimicRCNN", "RCNNFeatureMimicking", "mimic_loss", "check_mimicked_roi_heads"]
 
 
 def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor) -> torch.Tensor:
@@ -35,13 +45,38 @@ def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(f_rcnn, f_frcnn, dim=1)).mean()
 
 
+def check_mimicked_roi_heads(head_class: type) -> None:
+    """Refuse ROI heads whose box head the branch cannot mimic."""
+    if issubclass(head_class, DCNv2CascadeROIHeads):
+        return
+    if issubclass(head_class, CascadeROIHeads):
+        raise ValueError(
+            "R-CNN feature mimicking with Cascade R-CNN mimics the final stage's head on that stage's "
+            f"RoIs, which {head_class.__name__} does not hand over: set MODEL.ROI_HEADS.NAME to "
+            "'DCNv2CascadeROIHeads'"
+        )
+    if not issubclass(head_class, StandardROIHeads):
+        raise ValueError(
+            "R-CNN feature mimicking shares the ROI heads' box pooler and box head, so it needs "
+            "StandardROIHeads or a subclass (such as DCNv2ROIHeads), or DCNv2CascadeROIHeads; "
+            f"MODEL.ROI_HEADS.NAME builds {head_class.__name__}"
+        )
+
+
+def mimicked_pooler_and_head(roi_heads: StandardROIHeads) -> Tuple[nn.Module, nn.Module]:
+    """The box pooler and box head that the branch shares: a cascade's final stage's."""
+    if isinstance(roi_heads, DCNv2CascadeROIHeads):
+        return roi_heads.box_pooler[-1], roi_heads.box_head[-1]
+    return roi_heads.box_pooler, roi_heads.box_head
+
+
 def box_head_features(
     roi_heads: StandardROIHeads, feature_maps: Dict[str, torch.Tensor], boxes: List[Boxes]
 ) -> torch.Tensor:
-    """The ROI heads' box pooler and box head (the 2fc head) applied to `boxes`,
+    """The mimicked box pooler and box head (the 2fc head) applied to `boxes`,
     one `Boxes` per image of `feature_maps`: [K, box head output dim]."""
-    pooled = roi_heads.box_pooler([feature_maps[f] for f in roi_heads.box_in_features], boxes)
-    return roi_heads.box_head(pooled)
+    pooler, head = mimicked_pooler_and_head(roi_heads)
+    return head(pooler([feature_maps[f] for f in roi_heads.box_in_features], boxes))
 
 
 class RCNNFeatureMimicking(nn.Module):
@@ -84,12 +119,7 @@ class RCNNFeatureMimicking(nn.Module):
     @classmethod
     def from_config(cls, cfg, backbone: nn.Module, roi_heads: nn.Module):
         mimic = cfg.MODEL.DCNV2.MIMIC
-        if not isinstance(roi_heads, StandardROIHeads) or isinstance(roi_heads, CascadeROIHeads):
-            raise ValueError(
-                "R-CNN feature mimicking shares the ROI heads' box pooler and their single box "
-                "head, so it needs StandardROIHeads or a subclass with one box head (such as "
-                f"DCNv2ROIHeads); MODEL.ROI_HEADS.NAME builds {type(roi_heads).__name__}"
-            )
+        check_mimicked_roi_heads(type(roi_heads))
         if cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
             raise ValueError(
                 "R-CNN feature mimicking needs the RoIs the box head was trained on, but "
@@ -106,7 +136,7 @@ class RCNNFeatureMimicking(nn.Module):
                 f"MODEL.DCNV2.MIMIC.CROP_SIZE must be a positive multiple of {divisor}, the size "
                 f"divisibility of the backbone that runs on the crops; got {mimic.CROP_SIZE}"
             )
-        head_shape = roi_heads.box_head.output_shape
+        head_shape = mimicked_pooler_and_head(roi_heads)[1].output_shape
         return {
             "feature_dim": head_shape.channels * (head_shape.width or 1) * (head_shape.height or 1),
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
@@ -129,8 +159,8 @@ class RCNNFeatureMimicking(nn.Module):
         Args:
             images: the normalized, batched input images the proposals refer to.
             features: the backbone's feature maps of `images`.
-            rois: per image, the RoIs the ROI heads sampled for training, with
-                `proposal_boxes` and `gt_classes`.
+            rois: per image, the RoIs the mimicked box head was trained on,
+                with `proposal_boxes` and `gt_classes`.
             backbone, roi_heads: the detector's own, whose backbone, box pooler
                 and box head the R-CNN branch shares.
         Returns:
@@ -213,8 +243,9 @@ class MimicRCNN(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         features = self.backbone(images.tensor)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        # In training the ROI heads return the RoIs they sampled, each labelled
-        # with its matched ground truth: the pool the mimicked RoIs come from.
+        # In training the ROI heads return the RoIs they sampled (a cascade:
+        # its final stage's RoIs), each labelled with its matched ground truth:
+        # the pool the mimicked RoIs come from.
         rois, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         mimic_losses = self.mimic(images, features, rois, backbone=self.backbone, roi_heads=self.roi_heads)
         if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:

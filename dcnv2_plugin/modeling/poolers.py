@@ -37,14 +37,24 @@ class RoIOffsetPredictor(GeometryPredictor):
     The last fc starts at zero, so pooling starts as RoIAlign (times
     sigmoid(0) = 0.5 when modulated). DCNv1's dpool used a single fc; the same
     two-hidden-layer branch serves both here, so that the DCNv1/DCNv2 pooling
-    settings differ only in the modulation.
+    settings differ only in the modulation. With `branch_channels` > 0, a 1x1
+    conv and a ReLU first reduce the features to that many channels.
     """
 
-    def __init__(self, in_channels: int, output_size: Tuple[int, int], fc_dim: int, modulated: bool):
+    def __init__(
+        self, in_channels: int, output_size: Tuple[int, int], fc_dim: int, modulated: bool, branch_channels: int = 0
+    ):
         super().__init__()
         self.output_size = output_size
         self.modulated = modulated
         num_bins = output_size[0] * output_size[1]
+        # fc1 takes the whole pooled map: for wide maps (C4 pools 1024 channels
+        # at 14x14, 200k values per RoI) a 1x1 conv first narrows it.
+        self.channel_reduction = None
+        if branch_channels:
+            self.channel_reduction = nn.Conv2d(in_channels, branch_channels, kernel_size=1)
+            weight_init.c2_msra_fill(self.channel_reduction)
+            in_channels = branch_channels
         self.fc1 = nn.Linear(in_channels * num_bins, fc_dim)
         self.fc2 = nn.Linear(fc_dim, fc_dim)
         self.predictor = nn.Linear(fc_dim, (3 if modulated else 2) * num_bins)
@@ -54,6 +64,8 @@ class RoIOffsetPredictor(GeometryPredictor):
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, roi_features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.channel_reduction is not None:
+            roi_features = F.relu(self.channel_reduction(roi_features))
         hidden = F.relu(self.fc2(F.relu(self.fc1(roi_features.flatten(1)))))
         out = self.predictor(hidden)
         ph, pw = self.output_size
@@ -84,6 +96,7 @@ class DeformableROIPooler(ROIPooler):
         modulated: bool,
         fc_dim: int,
         gamma: float,
+        branch_channels: int = 0,
         canonical_box_size: int = 224,
         canonical_level: int = 4,
     ):
@@ -103,7 +116,7 @@ class DeformableROIPooler(ROIPooler):
             DeformRoIPool(self.output_size, spatial_scale=scale, sampling_ratio=sampling_ratio, gamma=gamma)
             for scale in scales
         )
-        self.offset_predictor = RoIOffsetPredictor(in_channels, self.output_size, fc_dim, modulated)
+        self.offset_predictor = RoIOffsetPredictor(in_channels, self.output_size, fc_dim, modulated, branch_channels)
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         regular = super().forward(x, box_lists)

@@ -20,7 +20,9 @@ from .spatial_transformer import insert_spatial_transformer
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
-def _check_resnet_config(cfg) -> None:
+def check_resnet_config(cfg) -> None:
+    """Raises an error naming the MODEL.RESNETS key (or the missing MODEL.DCNV2
+    keys) that this project's ResNet stages cannot be built with."""
     if "DCNV2" not in cfg.MODEL:
         raise KeyError("cfg has no MODEL.DCNV2: call dcnv2_plugin.add_dcnv2_config(cfg) before merging a config file")
     resnets = cfg.MODEL.RESNETS
@@ -44,13 +46,15 @@ def _check_resnet_config(cfg) -> None:
             raise ValueError(f"ResNet-{resnets.DEPTH} (basic blocks) needs " + ", ".join(wrong))
 
 
-def _stage_blocks(cfg, stage_index: int, in_channels: int, out_channels: int, bottleneck_channels: int):
+def make_resnet_stage(
+    cfg, stage_index: int, in_channels: int, out_channels: int, bottleneck_channels: int, *, dilation: int
+):
     """The blocks of stage res{stage_index + 2}, with the block class for its
-    depth and deformability."""
+    depth and deformability (MODEL.RESNETS.DEFORM_ON_PER_STAGE[stage_index]).
+
+    Also builds the res5 of C4 models, which sits in their ROI heads."""
     resnets = cfg.MODEL.RESNETS
     num_blocks = _BLOCKS_PER_STAGE[resnets.DEPTH][stage_index]
-    is_res5 = stage_index == 3
-    dilation = resnets.RES5_DILATION if is_res5 else 1
     # res2 keeps the stem's stride; a dilated res5 keeps res4's (DC5).
     first_stride = 1 if stage_index == 0 or dilation == 2 else 2
     deformable = resnets.DEFORM_ON_PER_STAGE[stage_index]
@@ -80,7 +84,7 @@ def _stage_blocks(cfg, stage_index: int, in_channels: int, out_channels: int, bo
 def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """A detectron2 `ResNet` whose stages in MODEL.RESNETS.DEFORM_ON_PER_STAGE
     have (modulated) deformable 3x3 convs; see the module docstring."""
-    _check_resnet_config(cfg)
+    check_resnet_config(cfg)
     resnets = cfg.MODEL.RESNETS
     stem = BasicStem(in_channels=input_shape.channels, out_channels=resnets.STEM_OUT_CHANNELS, norm=resnets.NORM)
 
@@ -88,8 +92,15 @@ def build_dcnv2_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     out_channels = resnets.RES2_OUT_CHANNELS
     bottleneck_channels = resnets.NUM_GROUPS * resnets.WIDTH_PER_GROUP
     stages = []
+    # All four, as detectron2's builder, so that a regular model starts from
+    # the same values for the same seed: `ResNet` drops the stages after the
+    # last one in OUT_FEATURES (a C4 backbone ends at res4; its ROI heads
+    # build their own res5).
     for stage_index in range(4):
-        stages.append(_stage_blocks(cfg, stage_index, in_channels, out_channels, bottleneck_channels))
+        dilation = resnets.RES5_DILATION if stage_index == 3 else 1
+        stages.append(
+            make_resnet_stage(cfg, stage_index, in_channels, out_channels, bottleneck_channels, dilation=dilation)
+        )
         in_channels = out_channels
         out_channels *= 2
         bottleneck_channels *= 2
