@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from helpers import ROOT, train_checking_replicas
 
-from dcnv2_demo.datasets import register_demo_datasets
+from dcnv2_demo.datasets import QUICK_NAME_PREFIX, register_demo_datasets
 from dcnv2_plugin.config import load_config
 from dcnv2_plugin.engine import launch, run
 from dcnv2_plugin.engine.launch import available_cores
@@ -27,6 +27,10 @@ def quick_splits(tmp_path_factory):
     (which find them through $DCNV2_DATASETS)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DCNV2_DATASETS", str(tmp_path_factory.mktemp("datasets")))
+        # An earlier test in this process may have registered them elsewhere.
+        for name in [name for name in DatasetCatalog.list() if name.startswith(QUICK_NAME_PREFIX)]:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
         datasets = register_demo_datasets(quick=True)
         DatasetCatalog.get(datasets.train)
         DatasetCatalog.get(datasets.val)
