@@ -13,14 +13,15 @@ processes (gloo) that share the cores.
 import logging
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..data import register_embedded_datasets
+from ..model_zoo import get_config_file
 from ..modeling import check_config
+from .checkpoint import VerifiedCheckpointer
 from .launch import launch
 from .trainer import Trainer
 
@@ -34,6 +35,8 @@ def setup(args):
     check_config(cfg)
     register_embedded_datasets(cfg)
     cfg.freeze()
+    # default_setup logs the config file's text: it needs the path of a config given by name.
+    args.config_file = get_config_file(args.config_file)
     default_setup(cfg, args)
     # default_setup logs detectron2 and fvcore; this project's messages go to the same console and log.txt.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dcnv2_plugin")
@@ -45,7 +48,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        VerifiedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
