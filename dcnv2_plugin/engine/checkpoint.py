@@ -108,16 +108,14 @@ def _describe_torch_load_error(path: str, error: Exception) -> str:
     with open(path, "rb") as file:
         head = file.read(4)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if head != _ZIP_MAGIC and not head.startswith(_PICKLE_PROTOCOL_2):
+        return f"it is not a PyTorch checkpoint (it starts with the bytes {head!r})"
     if isinstance(error, pickle.UnpicklingError) and message.startswith("Weights only load failed"):
         return (
             "it holds Python objects other than tensors and plain containers, which are refused because "
             f"loading them could run code (torch.load(weights_only=True): {message})"
         )
-    if head == _ZIP_MAGIC:
-        return f"it is truncated or damaged ({message})"
-    if head.startswith(_PICKLE_PROTOCOL_2):
-        return f"it is a truncated or damaged legacy PyTorch file ({type(error).__name__}: {message})"
-    return f"it is not a PyTorch checkpoint (it starts with the bytes {head!r})"
+    return f"it is truncated or damaged ({type(error).__name__}: {message})"
 
 
 def load_torch_checkpoint(path: str) -> dict:
@@ -132,6 +130,10 @@ def load_torch_checkpoint(path: str) -> dict:
     return _verify_checksums(path, data)
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 class WeightsUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays in plain containers, and nothing else: a pickle
     can name any callable, which unpickling would call."""
@@ -144,6 +146,9 @@ class WeightsUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
+        # How protocol-5 pickles rebuild an array from its bytes.
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         # How protocol-2 pickles spell bytes: _codecs.encode(str, "latin1").
         ("_codecs", "encode"),
     }
@@ -151,7 +156,7 @@ class WeightsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"it refers to {module}.{name}, which weights have no use for; it is refused because "
             "unpickling it could run code"
         )
@@ -163,11 +168,11 @@ def load_weights_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as file:
             data = WeightsUnpickler(file, encoding="latin1").load()
+    except _RefusedGlobal as error:
+        raise CheckpointError(path, str(error)) from error
     except pickle.UnpicklingError as error:
-        problem = str(error)
-        if not problem.startswith("it refers to"):
-            problem = f"it is not a pickle file ({problem})"
-        raise CheckpointError(path, problem) from error
+        problem = "it is truncated or damaged" if "truncated" in str(error) else "it is not a pickle file"
+        raise CheckpointError(path, f"{problem} ({error})") from error
     except (EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
         raise CheckpointError(path, f"it is truncated or damaged ({type(error).__name__}: {error})") from error
     if not isinstance(data, dict):
