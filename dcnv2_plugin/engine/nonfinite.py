@@ -1,11 +1,14 @@
-"""Where a non-finite loss came from: which losses, and the first geometry
-layer (offsets, modulation, STN: a `GeometryPredictor`) whose output went
-non-finite in the step.
+"""Non-finite values in training, traced to the geometry layers (offsets,
+modulation, STN: each a `GeometryPredictor`).
 
-During training, a forward hook on each geometry layer records whether its
-input and output are finite as 0-dim tensors, without waiting for them
-(no device synchronization); they are read only after detectron2 found the
-loss non-finite."""
+During a training step, a forward hook on each geometry layer keeps its
+input and output (which autograd keeps for the backward pass anyway). After
+the step, one flag says whether every output was finite (one
+synchronization); this has to be checked even when the loss is finite:
+deformable sampling reads zero at a non-finite position, so the loss can stay
+finite while the layer is broken for good. Only when something was not
+finite are the inputs, parameters and losses looked at, to say where it
+started."""
 
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,10 +33,10 @@ def _all_finite(value: Any) -> Optional[torch.Tensor]:
 
 class NonFiniteTracer:
     """Follows the geometry layers of `model` (and its loss dict) through each
-    training step; `explain()` says where non-finite values appeared."""
+    training step."""
 
     def __init__(self, model: nn.Module):
-        self._records: List[Tuple[str, GeometryPredictor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+        self._records: List[Tuple[str, GeometryPredictor, Any, Any]] = []
         self._losses: Dict[str, torch.Tensor] = {}
         self._handles = [model.register_forward_hook(self._record_losses)]
         for name, module in model.named_modules():
@@ -43,7 +46,7 @@ class NonFiniteTracer:
     def _recorder(self, name: str):
         def record(module, inputs, output):
             if module.training and torch.is_grad_enabled():
-                self._records.append((name, module, _all_finite(inputs), _all_finite(output)))
+                self._records.append((name, module, inputs, output))
 
         return record
 
@@ -59,15 +62,29 @@ class NonFiniteTracer:
         for handle in self._handles:
             handle.remove()
 
-    def explain(self) -> str:
-        """What went non-finite in the last step, in a few sentences."""
-        bad_losses = [name for name, loss in self._losses.items() if not bool(torch.isfinite(loss).all())]
-        lines = [
-            f"Non-finite loss(es) in this process: {', '.join(bad_losses)}."
-            if bad_losses
-            else "The losses of this process were finite (another process's were not)."
-        ]
-        for name, module, input_finite, output_finite in self._records:
+    def check_step(self, iteration: int) -> None:
+        """Raises FloatingPointError if a geometry layer's output was not
+        finite in the step just run (one synchronization)."""
+        flags = [flag for flag in (_all_finite(output) for *_, output in self._records) if flag is not None]
+        if flags and not bool(torch.stack(flags).all()):
+            raise FloatingPointError(
+                f"A geometry layer's output became infinite or NaN at iteration={iteration}; the loss can stay "
+                "finite, as deformable sampling reads zero there, but the layer would stay broken.\n"
+                + self.explain_geometry()
+            )
+        self._records.clear()
+
+    def explain_losses(self) -> str:
+        bad = [name for name, loss in self._losses.items() if not bool(torch.isfinite(loss).all())]
+        if not bad:
+            return "The losses of this process were finite (another process's were not)."
+        return f"Non-finite loss(es) in this process: {', '.join(bad)}."
+
+    def explain_geometry(self) -> str:
+        """The first geometry layer whose output was not finite in the step,
+        and whether its input or its parameters already were not."""
+        for name, module, inputs, output in self._records:
+            output_finite, input_finite = _all_finite(output), _all_finite(inputs)
             if output_finite is None or bool(output_finite):
                 continue
             if input_finite is not None and not bool(input_finite):
@@ -76,8 +93,5 @@ class NonFiniteTracer:
                 cause = "its parameters are non-finite: an earlier update broke them"
             else:
                 cause = "its input and parameters were finite: the values broke in this layer"
-            lines.append(f"The first geometry layer with a non-finite output in this step: {name} ({cause}).")
-            break
-        else:
-            lines.append("Every geometry layer (offsets, modulation, STN) had a finite output in this step.")
-        return "\n".join(lines)
+            return f"The first geometry layer with a non-finite output in this step: {name} ({cause})."
+        return "Every geometry layer (offsets, modulation, STN) had a finite output in this step."

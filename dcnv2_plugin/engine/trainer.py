@@ -151,7 +151,9 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as error:
-            raise FloatingPointError(f"{error}\n{self._nonfinite.explain()}") from error
+            explanation = f"{self._nonfinite.explain_losses()}\n{self._nonfinite.explain_geometry()}"
+            raise FloatingPointError(f"{error}\n{explanation}") from error
+        self._nonfinite.check_step(self.iter)
 
     def process_state(self) -> dict:
         """This process's random generators and data position."""
