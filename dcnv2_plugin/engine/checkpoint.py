@@ -270,9 +270,11 @@ class VerifiedCheckpointer(DetectionCheckpointer, _VerifiedTorchLoad):
             if key in geometry_keys
         ]
         if mismatched:
+            more = f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
             raise _GeometryShapeMismatch(
                 "its geometry layers (offsets, modulation, STN) have other shapes than the model's: "
-                + "; ".join(mismatched)
+                + "; ".join(mismatched[:4])
+                + more
                 + ". They follow MODEL.RESNETS.DEFORM_NUM_GROUPS and DEFORM_MODULATED (deformable convs), "
                 "the pooler type, POOLER_RESOLUTION and MODEL.DCNV2.DEFORM_POOL.FC_DIM (deformable RoI pooling) and "
                 "MODEL.DCNV2.STN.HIDDEN_DIM: set them as in the config the checkpoint was trained with",

@@ -32,7 +32,6 @@ def setup(args):
     """The frozen config of `args` (config file, then KEY VALUE overrides),
     after detectron2's `default_setup` (logging, output folder, seed)."""
     cfg = load_config(args.config_file, args.opts)
-    check_config(cfg)
     register_embedded_datasets(cfg)
     cfg.freeze()
     # default_setup logs the config file's text: it needs the path of a config given by name.
@@ -40,6 +39,8 @@ def setup(args):
     default_setup(cfg, args)
     # default_setup logs detectron2 and fvcore; this project's messages go to the same console and log.txt.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dcnv2_plugin")
+    # After the loggers, so that their warnings reach log.txt too; before anything is built.
+    check_config(cfg)
     return cfg
 
 
