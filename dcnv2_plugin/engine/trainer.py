@@ -79,7 +79,7 @@ class Trainer(DefaultTrainer):
     checkpoints and resume.
 
     A checkpoint holds, besides the model and detectron2's iteration and
-    learning-rate schedule: the optimizer (detectron2 releases before 2023
+    learning-rate schedule: the optimizer (detectron2 0.6 and the package index's snapshot
     leave it out), each process's random generators and data position, and
     the metrics history; resuming from it continues exactly as the run that
     wrote it would have (bit for bit on the CPU)."""
@@ -190,7 +190,7 @@ class Trainer(DefaultTrainer):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        if "load_state_dict" not in vars(DefaultTrainer):  # detectron2 before 2023 does not load the optimizer
+        if "load_state_dict" not in vars(DefaultTrainer):  # detectron2 0.6 neither saves nor loads the optimizer
             if "_trainer" in state:
                 self._trainer.load_state_dict(state["_trainer"])
             else:
