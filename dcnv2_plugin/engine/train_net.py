@@ -14,7 +14,6 @@ import copy
 import logging
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
@@ -23,6 +22,7 @@ from ..config import load_config
 from ..data import register_embedded_datasets
 from ..model_zoo import get_config_file
 from ..modeling import check_config
+from .checkpoint import VerifiedCheckpointer
 from .launch import launch
 from .trainer import Trainer
 
@@ -36,12 +36,13 @@ def setup(args):
     args = copy.copy(args)
     args.config_file = get_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts)
-    check_config(cfg)
     register_embedded_datasets(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup logs detectron2 and fvcore; this project's messages go to the same console and log.txt.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dcnv2_plugin")
+    # After the loggers, so that their warnings reach log.txt too; before anything is built.
+    check_config(cfg)
     return cfg
 
 
@@ -50,7 +51,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        VerifiedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -5,13 +5,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.modeling import build_model
 
 from ..config import load_config
+from ..engine.checkpoint import VerifiedCheckpointer
 from .capture import last_layers, record_inference, roi_pooling_bins
 from .draw import roi_bins_figure, sampling_figure
 from .geometry import sampling_points_at
@@ -29,7 +29,7 @@ def load_detector(config_file: str, weights: str, opts: Sequence[str] = ()):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    VerifiedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return cfg, model.eval()
 
 
