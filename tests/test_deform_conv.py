@@ -97,13 +97,12 @@ def test_non_contiguous_inputs(device):
     )
 
 
+# float16, bfloat16 and autocast: test_low_precision.py.
 @pytest.mark.parametrize(
     "dtype,device,tol",
     [
         (torch.float32, "cpu", 1e-5),
         pytest.param(torch.float32, "cuda", 1e-4, marks=DEVICES[1].marks),
-        pytest.param(torch.float16, "cuda", 2e-2, marks=DEVICES[1].marks),
-        pytest.param(torch.bfloat16, "cuda", 1e-1, marks=DEVICES[1].marks),
     ],
 )
 def test_lower_precision_dtypes_match_float64(dtype, device, tol):
@@ -283,27 +282,6 @@ def test_direct_op_call_with_bad_shapes_raises_instead_of_crashing():
         torch.ops.dcnv2.deform_conv2d(
             x, torch.randn(4, 4, 3, 3), torch.randn(1, 18, 2, 2), None, None, 1, 1, 1, 1, 1, 1, 1, 1
         )
-
-
-@pytest.mark.parametrize(
-    "device,autocast_dtype,expected_dtype",
-    [
-        ("cpu", torch.bfloat16, torch.float32),  # the CPU kernels compute in float32
-        pytest.param("cuda", torch.float16, torch.float16, marks=DEVICES[1].marks),
-        pytest.param("cuda", torch.bfloat16, torch.bfloat16, marks=DEVICES[1].marks),
-    ],
-)
-def test_autocast_accepts_mixed_dtypes(device, autocast_dtype, expected_dtype):
-    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[0], torch.float32, device)
-    expected = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
-    with torch.autocast(device, dtype=autocast_dtype):
-        # As in a mixed-precision network: activations in the low dtype, parameters in float32.
-        out = deform_conv2d(x.to(autocast_dtype), offset, weight, bias, mask=mask, **kw)
-    assert out.dtype == expected_dtype
-    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-1)
-    out.float().sum().backward()
-    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
-    assert offset.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
