@@ -52,7 +52,7 @@ def test_matches_torchvision_forward_and_gradients(config, use_mask, device):
     ours_grads = torch.autograd.grad(ours, tensors, grad_out, allow_unused=True)
     theirs_grads = torch.autograd.grad(theirs, tensors, grad_out, allow_unused=True)
     for name, a, b in zip(["input", "offset", "weight", "bias", "mask"], ours_grads, theirs_grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
