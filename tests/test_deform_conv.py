@@ -235,13 +235,29 @@ def test_module_with_given_offsets_matches_torchvisions():
         assert ours_param.abs().max().item() <= bound * 1.2 and ours_param.std() > 0.3 * conv_param.std()
 
 
-def test_module_trains_its_offsets():
+@pytest.mark.parametrize("modulated", [True, False], ids=["dcnv2", "dcnv1"])
+def test_module_trains_its_offsets(modulated):
+    # Zero-initialized, the offset conv gets the gradient of torchvision's
+    # deformable conv fed by a plain conv: offsets from its first channels,
+    # interleaved (dy, dx) per kernel point and offset group, then the
+    # modulation logits through a sigmoid.
     torch.manual_seed(0)
-    layer = DeformConv2dPack(3, 4, 3, padding=1)
-    layer(torch.randn(1, 3, 6, 6)).square().sum().backward()
-    # Zero-initialized, but the offset conv's own parameters get gradient.
-    assert layer.conv_offset.weight.grad.abs().sum() > 0
-    assert layer.conv_offset.bias.grad.abs().sum() > 0
+    layer = DeformConv2dPack(4, 5, 3, stride=2, padding=1, offset_groups=2, modulated=modulated).double()
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    layer(x).square().sum().backward()
+
+    offset_weight, offset_bias = (
+        p.detach().requires_grad_() for p in (layer.conv_offset.weight, layer.conv_offset.bias)
+    )
+    offset_mask = F.conv2d(x, offset_weight, offset_bias, stride=2, padding=1)
+    mask = offset_mask[:, 36:].sigmoid() if modulated else None
+    out = torchvision.ops.deform_conv2d(
+        x, offset_mask[:, :36], layer.weight.detach(), layer.bias.detach(), stride=2, padding=1, mask=mask
+    )
+    expected = torch.autograd.grad(out.square().sum(), (offset_weight, offset_bias))
+    assert expected[0].abs().sum() > 0
+    torch.testing.assert_close(layer.conv_offset.weight.grad, expected[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.conv_offset.bias.grad, expected[1], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(
