@@ -106,15 +106,17 @@ def test_non_contiguous_inputs(device):
     ],
 )
 def test_lower_precision_dtypes_match_float64(dtype, device, tol):
-    inputs = make_inputs(CONFIGS[0], torch.float64, device, requires_grad=False)
-    x, offset, weight, bias, mask, kw = inputs
+    x, offset, weight, bias, mask, kw = make_inputs(CONFIGS[0], torch.float64, device)
     expected = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
-    cast = [t.to(dtype).requires_grad_() for t in (x, offset, weight, bias, mask)]
+    cast = [t.detach().to(dtype).requires_grad_() for t in (x, offset, weight, bias, mask)]
     out = deform_conv2d(cast[0], cast[1], cast[2], cast[3], mask=cast[4], **kw)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * 10)
-    out.float().square().sum().backward()
-    assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in cast)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for name, low, high in zip(["input", "offset", "weight", "bias", "mask"], cast, (x, offset, weight, bias, mask)):
+        assert low.grad.dtype == dtype
+        torch.testing.assert_close(low.grad.double(), high.grad, rtol=tol, atol=tol * 10, msg=lambda m: f"{name}: {m}")
 
 
 def _fwd_bwd_at_thread_counts(x, offset, weight, bias, mask, kw):
