@@ -81,11 +81,11 @@ MEMORY_SHAPE = dict(channels=128, out_channels=8, height=58, width=60)
 PATCH_ROW_BYTES_PER_IMAGE = 128 * 9 * 58 * 60 * 4
 
 MEMORY_PROBE = """
-import re, sys, torch
+import re, torch
 from dcnv2_plugin.ops import deform_conv2d
 
 torch.set_num_threads(1)
-batch, channels, out_channels, height, width = (int(a) for a in sys.argv[1:])
+channels, out_channels, height, width = SHAPE
 
 def inputs(batch):
     g = torch.Generator().manual_seed(0)
@@ -103,31 +103,33 @@ def kib(field):  # VmRSS: resident now; VmHWM: its peak
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 
 forward_backward(*inputs(1))  # one-off costs (libraries, thread pools) before measuring
-tensors = inputs(batch)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets the peak to the resident size now
-resident = kib("VmRSS")
-forward_backward(*tensors)
-print((kib("VmHWM") - resident) * 1024)
+for batch in BATCHES:
+    tensors = inputs(batch)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak to the resident size now
+    resident = kib("VmRSS")
+    forward_backward(*tensors)
+    print((kib("VmHWM") - resident) * 1024)
+    del tensors
 """
 
 
-def memory_of_one_call(batch):
-    """Peak resident memory that a forward and backward at `batch` add, in a
-    fresh process. glibc then maps every block of 64 KiB or more on its own
-    and unmaps it when freed, so the resident size follows the live buffers."""
-    shape = MEMORY_SHAPE
-    args = [str(batch), str(shape["channels"]), str(shape["out_channels"]), str(shape["height"]), str(shape["width"])]
+def resident_growth_per_call(batches):
+    """Peak resident memory that a forward and backward add, for each batch
+    size, in a fresh process. glibc then maps every block of 64 KiB or more
+    on its own and unmaps it when freed, so the resident size follows the
+    live buffers."""
+    shape = tuple(MEMORY_SHAPE.values())
     result = run_python(
-        MEMORY_PROBE.replace("sys.argv[1:]", repr(args)),
+        MEMORY_PROBE.replace("SHAPE", repr(shape)).replace("BATCHES", repr(tuple(batches))),
         env={"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"},
     )
-    return int(result.stdout.split()[-1])
+    return [int(line) for line in result.stdout.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident size from /proc")
 def test_cpu_scratch_memory_does_not_grow_with_the_batch():
-    small, large = memory_of_one_call(2), memory_of_one_call(8)
+    small, large = resident_growth_per_call([2, 8])
     # The probe sees the scratch: one tile's patch rows and their gradient.
     assert small > PATCH_ROW_BYTES_PER_IMAGE
     per_image = (large - small) / 6
