@@ -12,7 +12,7 @@ EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o
 ENV_STAMP := $(VENV)/.dcnv2-env-stamp
 EXT_STAMP := build/.dcnv2-ext-stamp
 
-.PHONY: env ext test demo bench cuda-compile lint format clean
+.PHONY: env ext test test-no-vector-clones demo bench cuda-compile lint format clean
 
 env: $(ENV_STAMP)
 
@@ -29,6 +29,20 @@ $(EXT_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
 
 test: ext
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The operator tests once more, on a build whose CPU sampling loops are
+# compiled for the build's target only instead of once per x86-64 level
+# (csrc/ops/cpu/vector_clones.h; elsewhere only the level the machine picks
+# runs). It is built with a copy of the package into a scratch folder and the
+# tests run from there, so that they import it; test_build.py checks that
+# they did. CI runs it.
+NO_CLONES_LIB = build/no-vector-clones/lib
+test-no-vector-clones: $(ENV_STAMP)
+	DCNV2_NO_VECTOR_CLONES=1 $(PYTHON) setup.py -q build_py --build-lib $(NO_CLONES_LIB) \
+		build_ext --build-lib $(NO_CLONES_LIB) --build-temp build/no-vector-clones/tmp
+	cd $(NO_CLONES_LIB) && DCNV2_EXPECT_VECTOR_CLONES=0 $(abspath $(PYTHON)) -m pytest \
+		-c $(CURDIR)/pytest.ini --rootdir $(CURDIR) -o pythonpath= -p no:cacheprovider \
+		$(CURDIR)/tests/test_build.py $(sort $(wildcard $(CURDIR)/tests/test_deform_*.py)) $(PYTEST_ARGS)
 
 demo: ext
 	$(PYTHON) tools/demo.py --output $(DEMO_OUT) $(DEMO_ARGS)

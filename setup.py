@@ -2,7 +2,9 @@
 
 The extension is a CUDAExtension when a GPU is visible or FORCE_CUDA=1 (CI
 uses that to compile the CUDA kernels on a machine without a GPU), else a
-CppExtension with the CPU kernels only.
+CppExtension with the CPU kernels only. DCNV2_NO_VECTOR_CLONES=1 compiles
+the CPU sampling loops for the build's target only (see
+csrc/ops/cpu/vector_clones.h); dcnv2_plugin._C.VECTOR_CLONES says which.
 """
 
 import glob
@@ -35,6 +37,10 @@ def get_extensions():
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     extra_link_args = ["-fopenmp"]
     define_macros = []
+    if os.environ.get("DCNV2_NO_VECTOR_CLONES", "0") == "1":
+        # The CPU sampling loops for the build's target only, not one clone per
+        # x86-64 level (csrc/ops/cpu/vector_clones.h): CI tests that code too.
+        define_macros.append(("DCNV2_NO_VECTOR_CLONES", None))
     extension = CppExtension
     if _use_cuda():
         extension = CUDAExtension

@@ -66,7 +66,6 @@ def assert_trained_in_lockstep(output_dir, world_size, num_val_images):
     assert len({p["image_id"] for p in predictions}) == num_val_images
 
 
-@pytest.mark.slow
 def test_two_cpu_processes_train_in_lockstep(quick_splits, tmp_path):
     output_dir = tmp_path / "run"
     run(command_line(quick_splits, output_dir, "--num-gpus", "2"), main_func=train_checking_replicas)

@@ -5,10 +5,11 @@ from unittest import mock
 
 import pytest
 import torch
+import torchvision
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
-from helpers import CONFIG_DIR
+from helpers import CONFIG_DIR, perturb_zero_initialized_weights
 
 import dcnv2_plugin  # noqa: F401  (registers MimicRCNN and the DCNv2 components)
 from dcnv2_plugin.config import load_config
@@ -366,3 +367,95 @@ def test_mimicking_without_its_meta_architecture_is_refused():
             "COCO-Detection/faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml",
             ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.DCNV2.MIMIC.ENABLED", True],
         )
+
+
+# ------------------------------------------------------------ the losses by value
+# Weights other than the defaults (0.1 both), and different from each other.
+LOSS_WEIGHT, CLS_LOSS_WEIGHT = 0.3, 0.7
+WEIGHTED = ["MODEL.DCNV2.MIMIC.LOSS_WEIGHT", LOSS_WEIGHT, "MODEL.DCNV2.MIMIC.CLS_LOSS_WEIGHT", CLS_LOSS_WEIGHT]
+
+
+def cosine(a, b):
+    return (a * b).sum() / (a.norm() * b.norm())
+
+
+def mimic_losses_by_hand(model, images, features, positives):
+    """Sec. 3.3 of the paper, one positive RoI at a time, from the model's own
+    parts: f_FRCNN(b) pools b on its image's feature maps; f_RCNN(b) crops b
+    from its image (RoIAlign, aligned), resizes the crop to CROP_SIZE, runs
+    the backbone on it and pools the whole crop; both go through the box
+    head. loss_mimic = LOSS_WEIGHT * mean(1 - cos), loss_mimic_cls =
+    CLS_LOSS_WEIGHT * mean cross-entropy of the R-CNN classifier on f_RCNN(b).
+
+    positives: per image, a list of (box, class)."""
+    roi_heads, mimic, size = model.roi_heads, model.mimic, model.mimic.crop_size
+    in_features = roi_heads.box_in_features
+    one_minus_cosines, cross_entropies = [], []
+    for image_index, image_positives in enumerate(positives):
+        image = images.tensor[image_index : image_index + 1]
+        maps = [features[f][image_index : image_index + 1] for f in in_features]
+        for box, gt_class in image_positives:
+            box = torch.tensor([box])
+            f_frcnn = roi_heads.box_head(roi_heads.box_pooler(maps, [Boxes(box)]))[0]
+            crop = torchvision.ops.roi_align(image, [box], size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+            crop_maps = model.backbone(crop)
+            whole_crop = Boxes(torch.tensor([[0.0, 0.0, size, size]]))
+            f_rcnn = roi_heads.box_head(roi_heads.box_pooler([crop_maps[f] for f in in_features], [whole_crop]))[0]
+            one_minus_cosines.append(1 - cosine(f_rcnn, f_frcnn))
+            logits = mimic.cls_score(f_rcnn)
+            cross_entropies.append(torch.logsumexp(logits, 0) - logits[gt_class])
+    return {
+        "loss_mimic": LOSS_WEIGHT * torch.stack(one_minus_cosines).mean(),
+        "loss_mimic_cls": CLS_LOSS_WEIGHT * torch.stack(cross_entropies).mean(),
+    }
+
+
+def distinct_images(count, size=(IMAGE_HEIGHT, IMAGE_WIDTH)):
+    generator = torch.Generator().manual_seed(3)
+    return [{"image": torch.rand(3, *size, generator=generator) * 255} for _ in range(count)]
+
+
+def test_mimic_losses_equal_the_paper_computed_by_hand():
+    model = tiny_model(MIMIC_CONFIGS[0], WEIGHTED)
+    # Offsets away from zero in the deformable convs and pooling.
+    perturb_zero_initialized_weights(model, ("conv2_offset.weight", "offset_predictor.predictor.weight"))
+    background, ignored = NUM_CLASSES, -1
+    boxes = [
+        [[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 20.0, 20.0], [30.0, 10.0, 90.0, 60.0], [0.0, 0.0, 30.0, 30.0]],
+        [[50.0, 20.0, 94.0, 62.0]],
+    ]
+    classes = [[0, background, 2, ignored], [1]]
+    rois = training_rois(boxes, classes)
+    images = model.preprocess_image(distinct_images(2))
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        with EventStorage():
+            losses = model.mimic(images, features, rois, backbone=model.backbone, roi_heads=model.roi_heads)
+        positives = [[(boxes[0][0], 0), (boxes[0][2], 2)], [(boxes[1][0], 1)]]  # all of them: NUM_POS_ROIS is 2
+        expected = mimic_losses_by_hand(model, images, features, positives)
+    for name in ("loss_mimic", "loss_mimic_cls"):
+        torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("config", [MIMIC_CONFIGS[0], MIMIC_CONFIGS[3]])
+def test_detector_mimic_losses_equal_the_hand_computed_ones_on_its_sampled_rois(config):
+    # Every positive RoI the ROI heads sample is mimicked, so the losses are
+    # determined by those RoIs.
+    model = tiny_model(config, WEIGHTED + ["MODEL.DCNV2.MIMIC.NUM_POS_ROIS", 1000])
+    batch = training_batch()
+    for item, image in zip(batch, distinct_images(2)):
+        item["image"] = image["image"]
+    sampled = {}
+    model.mimic.register_forward_pre_hook(lambda module, args: sampled.update(rois=args[2]))
+    with torch.no_grad(), EventStorage():
+        losses = model(batch)
+        images = model.preprocess_image(batch)
+        features = model.backbone(images.tensor)
+        positives = [
+            [(box.tolist(), int(c)) for box, c in zip(r.proposal_boxes.tensor, r.gt_classes) if 0 <= c < NUM_CLASSES]
+            for r in sampled["rois"]
+        ]
+        assert all(positives), "each image should have positive RoIs"
+        expected = mimic_losses_by_hand(model, images, features, positives)
+    for name in ("loss_mimic", "loss_mimic_cls"):
+        torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)

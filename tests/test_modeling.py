@@ -21,6 +21,8 @@ ABLATION_CONFIGS = sorted(
     p for p in CONFIG_DIR.glob("COCO-*/*.yaml") if "mimic" not in p.name and not p.name.startswith("Base-")
 )
 CONFIG_IDS = [p.name for p in ABLATION_CONFIGS]
+# The paper's ablation rows: R-50-FPN Faster and Mask R-CNN with StandardROIHeads.
+FPN_CONFIGS = [p for p in ABLATION_CONFIGS if p.name.startswith(("faster_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN"))]
 MDCONV_MASK_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
 C4_DPOOL_CONFIG = CONFIG_DIR / "COCO-Detection" / "faster_rcnn_R_50_C4_dconv_c5_dpool.yaml"
 CASCADE_MDPOOL_CONFIG = CONFIG_DIR / "COCO-InstanceSegmentation" / "cascade_mask_rcnn_R_50_FPN_mdconv_c3-c5_mdpool.yaml"
@@ -151,6 +153,48 @@ def calibrate_batch_norms(model):
     return model.eval()
 
 
+def detectron2_regular_detector(config_file, ours):
+    """detectron2's own detector for `config_file` without this project's
+    modules (its ResNet-FPN, StandardROIHeads, RoIAlignV2), holding `ours`'s
+    weights scaled so that it computes what `ours` does at initialization:
+    zero offsets make a deformable conv the regular one, and the modulation
+    sigmoid(0) = 0.5 halves a modulated conv's output (its weight, here) and
+    a modulated pooler's (the box head's first fc, which reads it)."""
+    cfg = tiny_cfg(config_file)
+    theirs = build_model(
+        tiny_cfg(
+            config_file,
+            "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone",
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False] * 4,
+            "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+            "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignV2",
+        )
+    )  # fmt: skip
+    state = ours.state_dict()
+    incompatible = theirs.load_state_dict(state, strict=False)
+    assert incompatible.missing_keys == []
+    assert all("conv2_offset" in key or "offset_predictor" in key for key in incompatible.unexpected_keys)
+    with torch.no_grad():
+        if cfg.MODEL.RESNETS.DEFORM_MODULATED:
+            for key in state:
+                if key.replace(".conv2.weight", ".conv2_offset.weight") in state and key.endswith(".conv2.weight"):
+                    theirs.state_dict()[key].mul_(0.5)
+        if cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE == "ModulatedDeformRoIPool":
+            theirs.roi_heads.box_head.fc1.weight.mul_(0.5)
+    return theirs
+
+
+def head_outputs(model, features, boxes):
+    """The box head's class scores and box deltas for `boxes`, and the mask
+    head's mask logits when there is one."""
+    heads = model.roi_heads
+    box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+    outputs = list(heads.box_predictor(heads.box_head(box_features)))
+    if heads.mask_on:
+        outputs.append(heads.mask_head.layers(heads.mask_pooler([features[f] for f in heads.mask_in_features], boxes)))
+    return outputs
+
+
 @pytest.mark.parametrize("config_file", ABLATION_CONFIGS, ids=CONFIG_IDS)
 def test_inference_returns_instances(config_file):
     model = calibrate_batch_norms(build_tiny_model(config_file))
@@ -172,6 +216,34 @@ def test_inference_returns_instances(config_file):
         assert instances.pred_keypoints.shape == (len(instances), model.roi_heads.keypoint_head.num_keypoints, 3)
     else:
         assert not instances.has("pred_keypoints")
+
+
+@pytest.mark.parametrize("config_file", FPN_CONFIGS, ids=[p.name for p in FPN_CONFIGS])
+def test_inference_at_initialization_computes_detectron2s_regular_detector(config_file):
+    ours = build_tiny_model(config_file).eval()
+    theirs = detectron2_regular_detector(config_file, ours).eval()
+    batch = training_batch()
+    del batch[0]["instances"]
+    with torch.no_grad():
+        # The same values in float64 (detectron2's box decoding and NMS
+        # need float32, so the RoIs are given): backbone features, then the
+        # heads' outputs on the same RoIs.
+        ours, theirs = ours.double(), theirs.double()
+        images = ours.preprocess_image(batch)
+        features, expected_features = ours.backbone(images.tensor), theirs.backbone(images.tensor)
+        for name, expected in expected_features.items():
+            torch.testing.assert_close(features[name], expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+        generator = torch.Generator().manual_seed(3)
+        corners = torch.rand(40, 2, 2, generator=generator, dtype=torch.float64) * torch.tensor(
+            [IMAGE_WIDTH, IMAGE_HEIGHT], dtype=torch.float64
+        )
+        boxes = [Boxes(torch.cat([corners.min(1).values, corners.max(1).values], 1))]
+        for name, actual, expected in zip(
+            ["scores", "box deltas", "mask logits"],
+            head_outputs(ours, features, boxes),
+            head_outputs(theirs, expected_features, boxes),
+        ):
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize(
