@@ -16,7 +16,7 @@ EXT_STAMP := build/.dcnv2-ext-stamp
 
 env: $(ENV_STAMP)
 
-$(ENV_STAMP): requirements.txt tools/bootstrap_env.sh tools/install_detectron2.sh dcnv2_plugin/_missing_detectron2_ops.py
+$(ENV_STAMP): requirements.txt requirements-export.txt tools/bootstrap_env.sh tools/install_detectron2.sh dcnv2_plugin/_missing_detectron2_ops.py
 	VENV=$(VENV) bash tools/bootstrap_env.sh
 	@touch $@
 
@@ -27,8 +27,9 @@ $(EXT_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
 	$(PYTHON) setup.py -q build_ext --inplace
 	@mkdir -p build && touch $@
 
+# -m "" also runs the tests marked slow, which a plain `pytest` leaves out.
 test: ext
-	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -m "" $(PYTEST_ARGS)
 
 demo: ext
 	$(PYTHON) tools/demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
