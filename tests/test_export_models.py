@@ -8,11 +8,12 @@ away from the regular grid and the RoI bins move."""
 
 import copy
 import functools
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIG_DIR, draw_geometry, onnx_session, record_max_abs_diff
+from helpers import CONFIG_DIR, ROOT, draw_geometry, onnx_session, record_max_abs_diff
 
 pytest.importorskip("onnxscript", reason="needs the export extra (onnx, onnxscript, onnxruntime)")
 pytest.importorskip("onnxruntime", reason="needs the export extra (onnx, onnxscript, onnxruntime)")
@@ -132,3 +133,29 @@ def test_exported_detector_runs_on_images_without_detections():
         model.roi_heads.box_predictor.cls_score.weight.copy_(weight)
         expected = ExportableRCNN(model)(images[0])
     assert [o.shape for o in outputs] == [tuple(e.shape) for e in expected] == [(0, 4), (0,), (0,), (0, 1, 28, 28)]
+
+
+@pytest.mark.slow
+def test_export_tool_writes_checks_and_compares(tmp_path, capsys):
+    """tools/export_onnx.py: the .onnx file (weights inside), onnx.checker's
+    verdict, and a line per sample image with the agreement and latencies."""
+    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "tools" / "export_onnx.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    checkpoint = tmp_path / "model.pth"
+    model, *_ = exported_demo_detector(True)
+    torch.save({"model": model.state_dict()}, checkpoint)
+    output = tmp_path / "dcnv2.onnx"
+    tool.main(
+        ["--config-file", str(DEMO_DCNV2), "--output", str(output), "--num-images", "2", "--repeat", "1"]
+        + ["--threads", str(torch.get_num_threads())]
+        + ["MODEL.WEIGHTS", str(checkpoint)]
+    )
+    printed = capsys.readouterr().out
+    assert output.is_file() and not (tmp_path / "dcnv2.onnx.data").exists()
+    assert "onnx.checker: the model is valid" in printed
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| val ")]
+    assert len(rows) == 2
+    for row in rows:
+        expected, actual, paired = (int(n) for n in row[2].split(" / "))
+        assert expected == actual == paired > 0

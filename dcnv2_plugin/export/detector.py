@@ -131,22 +131,28 @@ class ExportableRCNN(nn.Module):
 OUTPUT_NAMES = ("boxes", "scores", "classes", "masks")
 
 
-def export_detector_onnx(model: GeneralizedRCNN, image: torch.Tensor, path=None) -> "torch.onnx.ONNXProgram":
+def export_detector_onnx(model: GeneralizedRCNN, image: torch.Tensor, path=None, **kwargs) -> "torch.onnx.ONNXProgram":
     """`ExportableRCNN(model)` exported to ONNX, traced on `image` (a model
-    input, see `model_input`), for images of any height and width from 32
-    pixels. Its input is "image"; its outputs "boxes", "scores", "classes"
-    and, with a mask head, "masks". Needs the `export` extra."""
+    input, see `model_input`), with a dynamic height and width: it takes
+    images of other sizes too (both sides above 64 pixels, so that every
+    FPN level is larger than 1x1, as at the trace). Its input is "image";
+    its outputs "boxes", "scores", "classes" and, with a mask head,
+    "masks". Other keyword arguments go to `torch.onnx.export` (e.g.
+    external_data=False: the weights in the .onnx file). Needs the
+    `export` extra."""
     from .onnx_export import export_onnx
 
     exportable = ExportableRCNN(model)
-    height, width = torch.export.Dim("height", min=32), torch.export.Dim("width", min=32)
     return export_onnx(
         exportable,
         (image,),
         path,
-        dynamic_shapes=({1: height, 2: width},),
+        # Named axes: torch.export infers the sizes' constraints (padding
+        # to the size divisibility, the FPN levels) instead of failing on them.
+        dynamic_shapes=({1: "height", 2: "width"},),
         input_names=["image"],
         output_names=list(OUTPUT_NAMES[: 4 if exportable.mask_on else 3]),
+        **kwargs,
     )
 
 
@@ -203,7 +209,9 @@ def _top_proposals(
     the overall top-k."""
     boxes, scores, levels = [], [], []
     for level, (proposals_i, logits_i) in enumerate(zip(proposals, logits)):
-        k = min(logits_i.shape[0], pre_nms_topk)
+        # sym_min: with a dynamic image size, min() would specialize the
+        # export to sizes on one side of pre_nms_topk anchors.
+        k = torch.sym_min(logits_i.shape[0], pre_nms_topk)
         logits_i, order = logits_i.sort(descending=True)
         boxes.append(proposals_i[order[:k]])
         scores.append(logits_i[:k])
