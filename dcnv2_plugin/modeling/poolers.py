@@ -119,6 +119,8 @@ class DeformableROIPooler(ROIPooler):
         """`forward` from RoIs in pooler format ([K, 5]: batch index, x1, y1,
         x2, y2), as torch.export traces it for a data-dependent K."""
         regular = pool_by_level(self, x, rois)
+        if regular.shape[0] == 0:  # no RoI: nothing for the offset branch
+            return regular
         offset, mask = self.offset_predictor(regular)
         return pool_by_level(self, x, rois, offset, mask)
 
