@@ -16,7 +16,7 @@ EXT_STAMP := build/.dcnv2-ext-stamp
 
 env: $(ENV_STAMP)
 
-$(ENV_STAMP): requirements.txt tools/bootstrap_env.sh tools/install_detectron2.sh dcnv2_plugin/_missing_detectron2_ops.py
+$(ENV_STAMP): requirements.txt requirements-export.txt tools/bootstrap_env.sh tools/install_detectron2.sh dcnv2_plugin/_missing_detectron2_ops.py
 	VENV=$(VENV) bash tools/bootstrap_env.sh
 	@touch $@
 

@@ -23,9 +23,9 @@ def _use_cuda():
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
-def _benchmark_requirements():
-    """The benchmark's peers, pinned in benchmarks/requirements.txt."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "requirements.txt")
+def _export_requirements():
+    """ONNX export and ONNX Runtime, pinned in requirements-export.txt."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements-export.txt")
     with open(path) as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
@@ -75,7 +75,10 @@ setup(
     extras_require={
         # The embedded shapes dataset (dcnv2_plugin.data).
         "data": ["opencv-python-headless", "pycocotools"],
-        "bench": _benchmark_requirements(),
+        # ONNX export (dcnv2_plugin.export) and ONNX Runtime.
+        "export": _export_requirements(),
+        # The benchmarks' peers: ONNX Runtime and the exporter.
+        "bench": _export_requirements(),
     },
     entry_points={"console_scripts": ["dcnv2-train-net = dcnv2_plugin.engine:run"]},
     ext_modules=get_extensions(),

@@ -17,3 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Lists the max abs differences of exported models from PyTorch that
+    the passed tests recorded (helpers.record_max_abs_diff)."""
+    lines = [
+        f"{what}: {diff:.3g}"
+        for report in terminalreporter.stats.get("passed", [])
+        for key, (what, diff) in report.user_properties
+        if key == "max_abs_diff"
+    ]
+    if lines:
+        terminalreporter.section("max abs difference of exported models from PyTorch")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -197,3 +197,38 @@ def train_checking_replicas(args):
         results = trainer._last_eval_results
         report = {"world_size": comm.get_world_size(), "steps": steps, "test": results}
         (Path(cfg.OUTPUT_DIR) / "replicas.json").write_text(json.dumps(report))
+
+
+def onnx_session(exported, threads: int = 1):
+    """An ONNX Runtime CPU session for an exported model (a
+    `torch.onnx.ONNXProgram` or its ModelProto), after onnx.checker (with
+    shape inference) accepts it."""
+    import onnx
+
+    from dcnv2_plugin.export.runtime import inference_session
+
+    model = getattr(exported, "model_proto", exported)
+    onnx.checker.check_model(model, full_check=True)
+    return inference_session(model.SerializeToString(), threads=threads)
+
+
+def record_max_abs_diff(record_property, what: str, diff: float) -> None:
+    """Records an exported model's max abs difference from PyTorch; the
+    test run lists them at its end (conftest.py)."""
+    record_property("max_abs_diff", (what, diff))
+
+
+def draw_geometry(model: torch.nn.Module, conv_std: float, pool_std: float = 0.01) -> None:
+    """Random weights for the layers that predict where to sample (zero at
+    initialization): offset convs, and the RoI offset branch's last fc."""
+    from dcnv2_plugin.modeling.poolers import RoIOffsetPredictor
+    from dcnv2_plugin.ops import OffsetConv2d
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, OffsetConv2d):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * conv_std)
+            elif isinstance(module, RoIOffsetPredictor):
+                weight = module.predictor.weight
+                weight.copy_(torch.randn(weight.shape, generator=g) * pool_std)

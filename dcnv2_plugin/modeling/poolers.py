@@ -119,20 +119,45 @@ class DeformableROIPooler(ROIPooler):
         self.offset_predictor = RoIOffsetPredictor(in_channels, self.output_size, fc_dim, modulated, branch_channels)
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
-        regular = super().forward(x, box_lists)
-        if regular.shape[0] == 0:
+        if len(x) != len(self.level_poolers) or len(box_lists) != x[0].shape[0]:
+            raise ValueError(
+                f"DeformableROIPooler takes {len(self.level_poolers)} feature maps and one box list per image; "
+                f"got {len(x)} maps and {len(box_lists)} box lists for a batch of {x[0].shape[0]}"
+            )
+        if not box_lists:
+            return x[0].new_zeros((0, x[0].shape[1]) + tuple(self.output_size))
+        return self.pool(x, convert_boxes_to_pooler_format(box_lists))
+
+    def pool(self, x: List[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """`forward` from RoIs in pooler format ([K, 5]: batch index, x1, y1,
+        x2, y2), as torch.export traces it for a data-dependent K."""
+        regular = pool_by_level(self, x, rois)
+        if regular.shape[0] == 0:  # no RoI: nothing for the offset branch
             return regular
         offset, mask = self.offset_predictor(regular)
-        rois = convert_boxes_to_pooler_format(box_lists)
-        if len(self.level_poolers) == 1:
-            return self.level_poolers[0](x[0], rois, offset, mask)
+        return pool_by_level(self, x, rois, offset, mask)
 
-        levels = assign_boxes_to_levels(
-            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
-        )
-        output = torch.zeros_like(regular)
-        for level, pooler in enumerate(self.level_poolers):
-            inds = nonzero_tuple(levels == level)[0]
-            level_mask = None if mask is None else mask[inds]
-            output.index_put_((inds,), pooler(x[level], rois[inds], offset[inds], level_mask))
-        return output
+
+def pool_by_level(pooler: ROIPooler, x: List[torch.Tensor], rois: torch.Tensor, *per_roi) -> torch.Tensor:
+    """What `ROIPooler.forward` does after converting its box lists: each RoI
+    ([K, 5] pooler format) pooled on its level by that level's pooler, which
+    also gets the `per_roi` tensors (or None) of the RoIs it pools."""
+    if len(pooler.level_poolers) == 1:
+        return pooler.level_poolers[0](x[0], rois, *per_roi)
+    levels = assign_boxes_to_levels(
+        [Boxes(rois[:, 1:])], pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level
+    )
+    output = x[0].new_zeros((rois.shape[0], x[0].shape[1]) + tuple(pooler.output_size))
+    for level, level_pooler in enumerate(pooler.level_poolers):
+        inds = nonzero_tuple(levels == level)[0]
+        selected = [None if t is None else t[inds] for t in per_roi]
+        output.index_put_((inds,), level_pooler(x[level], rois[inds], *selected))
+    return output
+
+
+def pool_rois(pooler: ROIPooler, x: List[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+    """`pooler(x, box_lists)` from RoIs already in pooler format, for
+    detectron2's `ROIPooler` and `DeformableROIPooler` alike."""
+    if isinstance(pooler, DeformableROIPooler):
+        return pooler.pool(x, rois)
+    return pool_by_level(pooler, x, rois)
