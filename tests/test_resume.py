@@ -20,12 +20,15 @@ UNTIMED = ("time", "data_time", "eta_seconds", "rank_data_time")
 
 # Trains with train_net's command line; with a kill iteration, each training
 # process kills itself (SIGKILL) right after the checkpoint hook of that
-# iteration, before the metrics of the iteration are written. A script file,
-# not `python -c`: the processes that --num-gpus starts import it again.
+# iteration, before the metrics of the iteration are written; with several
+# processes only after all of them got there, since only the first one writes
+# checkpoints and the launcher stops it as soon as another one dies. A script
+# file, not `python -c`: the processes that --num-gpus starts import it again.
 TRAIN = """
 import os, signal, sys
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
 from dcnv2_plugin.engine import Trainer, run
 
 register_coco_instances({dataset!r}, {{}}, {json_file!r}, {image_dir!r})
@@ -34,6 +37,7 @@ kill_iteration = {kill_iteration}
 class KillAfterCheckpoint(HookBase):
     def after_step(self):
         if self.trainer.iter == kill_iteration:
+            comm.synchronize()
             os.kill(os.getpid(), signal.SIGKILL)
 
 build_hooks = Trainer.build_hooks
