@@ -37,6 +37,12 @@ PICTURE_MODEL = "dcnv2"
 PICTURE_IMAGES = 2
 START = DemoModel("start", "shared start (regular)")
 START_CONFIG = "start"
+# One torch thread per run, whatever the machine: the CPU backward's float
+# summation order changes with the thread count, so the results then do not
+# depend on the number of cores; and a single-threaded run cannot stall on a
+# thread that waits for a core another program holds (a two-thread run of the
+# shared start ran 30x slower beside one busy process).
+THREADS_PER_RUN = 1
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def _train_start(options: DemoOptions, datasets: DemoDatasets, output: Path) -> 
         )
         return run, iters
     shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
-    threads = os.cpu_count() or 1  # nothing else runs meanwhile
+    threads = THREADS_PER_RUN
     spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
     log(
         f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
@@ -164,7 +170,7 @@ def run_demo(options: DemoOptions) -> Dict:
 
     iters = _iterations(options.iters, options.quick, demo_config("Base-Demo"))
     runs, queue = [], []
-    threads = max(1, (os.cpu_count() or 1) // options.jobs)
+    threads = THREADS_PER_RUN
     for model in (DEMO_MODELS[name] for name in options.models):
         for seed in options.seeds:
             config_file = demo_config(model.name)
