@@ -15,11 +15,11 @@
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <ATen/cuda/Atomic.cuh>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 
 #include <algorithm>
 
@@ -41,7 +41,7 @@ __device__ inline RoiLayout<acc_t> device_roi_layout(const PoolGeometry& g, cons
 // The batch index check, unless the current stream is being captured into
 // a CUDA graph (no host sync allowed there; the kernels skip bad indices).
 inline void check_batch_indices_unless_capturing(const at::Tensor& rois, const PoolGeometry& g) {
-  if (at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     check_roi_batch_indices(rois, g.batch);
   }
 }
