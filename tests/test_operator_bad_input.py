@@ -1,7 +1,8 @@
 """The compiled operators against bad input, called directly
 (torch.ops.dcnv2.*, past the Python wrappers' checks) as well as through
-the wrappers: non-finite and huge RoIs, RoIs naming no image, mixed dtypes.
-CPU and CUDA must behave alike; the CUDA variants skip without a GPU."""
+the wrappers: non-finite and huge RoIs, RoIs naming no image, mixed dtypes,
+and the CPU conv's fallback from oneDNN's private packed conv. CPU and CUDA
+must behave alike; the CUDA variants skip without a GPU."""
 
 import json
 import math
@@ -237,3 +238,40 @@ def test_roi_batch_index_is_truncated_like_roi_align(device):
     args["rois"][0, 0] = -0.5
     args["rois"][1, 0] = 1.7
     torch.testing.assert_close(_call_pool(args), exact, rtol=0, atol=0)
+
+
+# A float32 deformable conv forward and backward in a fresh process (the
+# packed conv's switch is read once), with the ops it called.
+_CONV_PATHS = """
+import json
+import torch
+from torch.profiler import ProfilerActivity, profile
+from dcnv2_plugin.ops import deform_conv2d
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 32, 12, 14, generator=g).requires_grad_()
+weight = (torch.randn(16, 32, 3, 3, generator=g) * 0.05).requires_grad_()
+offset = (torch.randn(2, 18, 12, 14, generator=g) * 2).requires_grad_()
+mask = torch.rand(2, 9, 12, 14, generator=g).requires_grad_()
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    out = deform_conv2d(x, offset, weight, mask=mask, padding=1)
+grads = torch.autograd.grad(out.square().sum(), (x, offset, weight, mask))
+print(json.dumps({
+    "ops": sorted({e.key for e in prof.key_averages()}),
+    "results": [t.flatten().tolist() for t in (out,) + grads],
+}))
+"""
+
+
+def test_cpu_conv_without_the_packed_onednn_conv_gives_the_same_results():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: the fallback is the only path")
+    runs = {
+        disabled: json.loads(run_python(_CONV_PATHS, env={"DCNV2_DISABLE_PACKED_CONV": disabled}).stdout)
+        for disabled in ("0", "1")
+    }
+    # The switch works: with it the private op is never called.
+    assert "mkldnn::_convolution_pointwise" in runs["0"]["ops"]
+    assert "mkldnn::_convolution_pointwise" not in runs["1"]["ops"]
+    for packed, fallback in zip(runs["0"]["results"], runs["1"]["results"]):
+        torch.testing.assert_close(torch.tensor(fallback), torch.tensor(packed), rtol=1e-4, atol=1e-5)
