@@ -28,13 +28,13 @@ struct ConvGeometry {
 
 inline ConvGeometry check_and_make_geometry(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
-    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
-    int64_t groups, int64_t offset_groups) {
+    const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   TORCH_CHECK(input.dim() == 4, "deform_conv2d: input must be 4-D, got ", input.dim(), "-D");
-  TORCH_CHECK(
-      weight.device() == input.device() && offset.device() == input.device() &&
-          (!mask.has_value() || mask->device() == input.device()),
-      "deform_conv2d: input, weight, offset and mask must be on one device");
+  check_like_input(weight, input, "deform_conv2d", "weight");
+  check_like_input(offset, input, "deform_conv2d", "offset");
+  check_like_input(mask, input, "deform_conv2d", "mask");
+  check_like_input(bias, input, "deform_conv2d", "bias");
   TORCH_CHECK(weight.dim() == 4, "deform_conv2d: weight must be 4-D, got ", weight.dim(), "-D");
   TORCH_CHECK(offset.dim() == 4, "deform_conv2d: offset must be 4-D, got ", offset.dim(), "-D");
   TORCH_CHECK(stride_h > 0 && stride_w > 0, "deform_conv2d: stride must be positive");
@@ -66,6 +66,9 @@ inline ConvGeometry check_and_make_geometry(
   TORCH_CHECK(g.out_channels % groups == 0, "deform_conv2d: out_channels must be divisible by groups");
   TORCH_CHECK(g.channels % offset_groups == 0, "deform_conv2d: in_channels must be divisible by offset_groups");
   check_shape(offset, {g.batch, 2 * offset_groups * g.kernel_points(), g.out_h, g.out_w}, "deform_conv2d: offset");
+  if (bias.has_value()) {
+    check_shape(*bias, {g.out_channels}, "deform_conv2d: bias");
+  }
   if (mask.has_value()) {
     check_shape(*mask, {g.batch, offset_groups * g.kernel_points(), g.out_h, g.out_w}, "deform_conv2d: mask");
   }

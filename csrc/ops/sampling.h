@@ -114,9 +114,25 @@ C10_HOST_DEVICE inline T gather(const T* weights, const int32_t* index, const V*
          weights[3] * T(x[index[3]]);
 }
 
+// Adaptive sampling (sampling_ratio <= 0) takes ceil(bin size) points per
+// bin side, as RoIAlign, but at most kMaxAdaptiveGrid: a bin wider than that
+// many feature pixels (only absurd boxes, e.g. 1e9 px) gets kMaxAdaptiveGrid
+// evenly spread points per side instead of billions, so such a RoI costs at
+// most ~1M samples per bin; only there results differ from RoIAlign's
+// uncapped rule. An explicit sampling_ratio is used as given.
+constexpr int64_t kMaxAdaptiveGrid = 1024;
+
+template <typename T>
+C10_HOST_DEVICE inline int64_t adaptive_grid(T bin_size) {
+  return bin_size < T(kMaxAdaptiveGrid) ? static_cast<int64_t>(::ceil(bin_size)) : kMaxAdaptiveGrid;
+}
+
 // Where one RoI samples (aligned=True): its box in feature coordinates and
-// its sampling grid per bin (adaptive: ceil(bin size), as RoIAlign; a
-// degenerate or inverted RoI gets no samples and pools to zero).
+// its sampling grid per bin (adaptive: see adaptive_grid; a degenerate or
+// inverted RoI gets no adaptive samples and pools to zero). A RoI with a NaN
+// or infinite coordinate (or a size that overflows) gets no samples at any
+// sampling_ratio and zero size: it pools to zero, and every gradient through
+// it (input, offset, mask) is zero.
 template <typename T>
 struct RoiLayout {
   int64_t batch_index;
@@ -148,11 +164,13 @@ C10_HOST_DEVICE inline RoiLayout<T> roi_layout(
   r.bin_h = r.height / T(pooled_h);
   r.bin_w = r.width / T(pooled_w);
   r.grid_h = r.grid_w = 0;
-  if (sampling_ratio > 0) {
+  if (!(is_finite(r.start_h) && is_finite(r.start_w) && is_finite(r.height) && is_finite(r.width))) {
+    r.start_h = r.start_w = r.height = r.width = r.bin_h = r.bin_w = T(0);
+  } else if (sampling_ratio > 0) {
     r.grid_h = r.grid_w = sampling_ratio;
-  } else if (is_finite(r.bin_h) && is_finite(r.bin_w) && r.bin_h > T(0) && r.bin_w > T(0)) {
-    r.grid_h = static_cast<int64_t>(::ceil(r.bin_h));
-    r.grid_w = static_cast<int64_t>(::ceil(r.bin_w));
+  } else if (r.bin_h > T(0) && r.bin_w > T(0)) {
+    r.grid_h = adaptive_grid(r.bin_h);
+    r.grid_w = adaptive_grid(r.bin_w);
   }
   const int64_t count = r.grid_h * r.grid_w;
   r.inv_count = T(1) / T(count > 1 ? count : 1);

@@ -42,8 +42,8 @@ namespace ops {
 namespace {
 
 // Patch rows per forward tile: about kTileBytes of them (as fast per row as
-// whole images at conv3 and conv5 widths, measured, and small enough to stay
-// in the last-level cache between the sampling and the contraction).
+// whole images, see benchmarks/RESULTS.md, and small enough to stay in the
+// last-level cache between the sampling and the contraction).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
 // The backward's tiles: larger, since each of its contractions is split
 // between the threads.
@@ -223,7 +223,8 @@ at::Tensor deform_conv2d_forward_kernel(
     const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
+      input, weight, offset_, mask_, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups);
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0) {
     return output;
@@ -342,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input, weight, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
+      input, weight, offset_, mask_, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups);
   check_output_grad(grad_, g);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor grad = grad_.contiguous();

@@ -2,18 +2,24 @@
 // C * kh * kw samples per output position) times the layer's weight.
 //
 // The forward runs it as a 1x1 conv over a channels-last [1, X, 1, R] view
-// of R patch rows: for float32 that is oneDNN, faster here than MKL's GEMM
-// on AVX-512 AMD CPUs (measured at conv5 widths: 37 against 42-46 ms). The
-// weight is packed into oneDNN's blocked layout once per call, not once per
-// tile, for one tile shape that every tile then has: tiles of another shape
-// than the packed one were much slower (measured at conv5: 140 against 37
-// ms). The backward runs as GEMMs on fixed blocks (see backward()).
+// of R patch rows: for float32 that is oneDNN, faster than MKL's GEMM here.
+// The weight is packed into oneDNN's blocked layout once per call, not once
+// per tile, for one tile shape that every tile then has (tiles of another
+// shape are much slower). benchmarks/RESULTS.md has the measurements. The
+// backward runs as GEMMs on fixed blocks (see backward()).
+//
+// The packed conv is a private oneDNN op of torch (packed_conv_op()); where
+// it is missing, has another schema than the one this code calls, or fails,
+// the forward uses at::conv2d instead (the same results up to rounding).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
 #include <optional>
 #include <string>
 #include <vector>
@@ -47,9 +53,13 @@ class PatchConv {
     // (torch.backends.mkldnn.enabled = False turns it off, as for at::conv2d.)
     const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
     if (forward_tile_rows && op && onednn && weight.scalar_type() == at::kFloat) {
-      packed_op_ = op;
-      const int64_t tile_shape[4] = {1, weight_.size(1) * groups_, 1, *forward_tile_rows};
-      packed_ = at::mkldnn_reorder_conv2d_weight(weight_.to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, groups_, tile_shape);
+      try {
+        const int64_t tile_shape[4] = {1, weight_.size(1) * groups_, 1, *forward_tile_rows};
+        packed_ = at::mkldnn_reorder_conv2d_weight(weight_.to_mkldnn(), {0, 0}, {1, 1}, {1, 1}, groups_, tile_shape);
+        packed_op_ = op;
+      } catch (const std::exception& e) {
+        packed_conv_failed(e);
+      }
     }
   }
 
@@ -57,21 +67,14 @@ class PatchConv {
   at::Tensor forward(const at::Tensor& rows) const {
     const int64_t zeros[2] = {0, 0}, ones[2] = {1, 1};
     at::Tensor out;
-    if (packed_op_) {
-      std::vector<c10::IValue> stack{
-          rows,
-          packed_,
-          c10::IValue(),
-          std::vector<int64_t>{0, 0},
-          std::vector<int64_t>{1, 1},
-          std::vector<int64_t>{1, 1},
-          groups_,
-          std::string("none"),
-          c10::List<std::optional<at::Scalar>>(),
-          std::string("")};
-      packed_op_->callBoxed(&stack);
-      out = stack[0].toTensor();
-    } else {
+    if (packed_op_ && !packed_conv_disabled().load()) {
+      try {
+        out = packed_forward(rows);
+      } catch (const std::exception& e) {
+        packed_conv_failed(e);
+      }
+    }
+    if (!out.defined()) {
       out = at::conv2d(rows, weight_, std::nullopt, ones, zeros, ones, groups_);
     }
     return out.contiguous(at::MemoryFormat::ChannelsLast);
@@ -83,8 +86,8 @@ class PatchConv {
   // gradient of every sample.
   //
   // Plain GEMMs, each single-threaded (parallel_tasks), on blocks fixed by
-  // the shapes: the conv library's backward sums in an order that depends on
-  // the thread count (measured), these give the same results at any thread
+  // the shapes: unlike the conv library's backward, whose summation order
+  // depends on the thread count, these give the same results at any thread
   // count.
   void backward(
       const at::Tensor& grad_rows, const at::Tensor& rows, at::Tensor& grad_weight, at::Tensor& grad_patches) const {
@@ -117,6 +120,26 @@ class PatchConv {
   }
 
  private:
+  // The packed conv of `rows`, checked to have the expected result shape.
+  at::Tensor packed_forward(const at::Tensor& rows) const {
+    std::vector<c10::IValue> stack{
+        rows,
+        packed_,
+        c10::IValue(),
+        std::vector<int64_t>{0, 0},
+        std::vector<int64_t>{1, 1},
+        std::vector<int64_t>{1, 1},
+        groups_,
+        std::string("none"),
+        c10::List<std::optional<at::Scalar>>(),
+        std::string("")};
+    packed_op_->callBoxed(&stack);
+    at::Tensor out = stack.at(0).toTensor();
+    const int64_t expected[4] = {1, weight_.size(0), 1, rows.size(3)};
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), "unexpected result shape ", out.sizes());
+    return out;
+  }
+
   // At most this many columns / rows per backward GEMM.
   static constexpr int64_t kColumnBlock = 256;
   static constexpr int64_t kRowBlock = 256;
@@ -131,11 +154,43 @@ class PatchConv {
   };
 
   // oneDNN's conv with a prepacked weight (what torch.compile's CPU backend
-  // calls); absent from builds without oneDNN, where at::conv2d is used.
+  // calls). A private op: it is used only if it exists (not in builds
+  // without oneDNN) with exactly the schema forward() calls it with (looked
+  // up once), and not after it failed once (remembered for the process).
+  // DCNV2_DISABLE_PACKED_CONV=1 in the environment when the first conv runs
+  // turns it off too (for tests of the fallback).
+  static constexpr const char* kPackedConvSchema =
+      "mkldnn::_convolution_pointwise(Tensor X, Tensor W, Tensor? B, int[] padding, int[] stride, int[] dilation, "
+      "int groups, str attr, Scalar?[] scalars, str? algorithm) -> Tensor Y";
+
   static const c10::OperatorHandle* packed_conv_op() {
-    static const std::optional<c10::OperatorHandle> op =
-        c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
-    return op ? &*op : nullptr;
+    static const std::optional<c10::OperatorHandle> op = find_packed_conv_op();
+    return op && !packed_conv_disabled().load() ? &*op : nullptr;
+  }
+
+  static std::optional<c10::OperatorHandle> find_packed_conv_op() {
+    const char* disable = std::getenv("DCNV2_DISABLE_PACKED_CONV");
+    if (disable && std::string(disable) == "1") {
+      return std::nullopt;
+    }
+    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+    if (!op || c10::toString(op->schema()) != kPackedConvSchema) {
+      return std::nullopt;
+    }
+    return op;
+  }
+
+  static std::atomic<bool>& packed_conv_disabled() {
+    static std::atomic<bool> disabled{false};
+    return disabled;
+  }
+
+  static void packed_conv_failed(const std::exception& e) {
+    packed_conv_disabled().store(true);
+    TORCH_WARN_ONCE(
+        "dcnv2: oneDNN's packed conv (mkldnn::_convolution_pointwise) failed; the CPU deformable conv uses "
+        "at::conv2d from now on. The error: ",
+        e.what());
   }
 
   at::Tensor weight_;  // [C_out, X / groups, 1, 1]

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 
+#include "ops/cuda/launch.cuh"
 #include "ops/deform_conv2d_geometry.h"
 #include "ops/sampling.h"
 
@@ -32,15 +33,6 @@ namespace ops {
 namespace {
 
 constexpr int64_t kColumnBudgetBytes = int64_t(256) << 20;
-constexpr int kThreads = 256;
-
-inline unsigned int blocks_for(int64_t n) {
-  const int64_t max_blocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
-}
-
-#define CUDA_KERNEL_LOOP_64(i, n) \
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
 
 // Sampling point of (image b, group, kernel point k, position p), with its
 // taps computed in the accumulation type.
@@ -166,7 +158,8 @@ at::Tensor deform_conv2d_forward_kernel(
     const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
+      input_, weight_, offset_, mask_, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups);
   c10::cuda::CUDAGuard device_guard(input_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor input = input_.contiguous();
@@ -212,7 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups) {
   const ConvGeometry g = check_and_make_geometry(
-      input_, weight_, offset_, mask_, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups);
+      input_, weight_, offset_, mask_, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
+      offset_groups);
   check_output_grad(grad_, g);
   at::globalContext().alertNotDeterministic("dcnv2::_deform_conv2d_backward (CUDA input gradient uses atomicAdd)");
   c10::cuda::CUDAGuard device_guard(input_.device());

@@ -6,12 +6,16 @@
 // gradient with atomicAdd into a float32 buffer (so under
 // torch.use_deterministic_algorithms(True) it raises instead), and sums the
 // offset and mask gradients of each bin over channels in one thread
-// (deterministic). RoIs whose batch index is not in the input pool to zero.
+// (deterministic). A RoI batch index outside the input raises, as on the CPU
+// (check_roi_batch_indices, one sync per call), except while a CUDA graph
+// is captured, where syncing is not allowed: there such RoIs pool to zero
+// and get zero gradients.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 
+#include "ops/cuda/launch.cuh"
 #include "ops/deform_roi_pool_geometry.h"
 #include "ops/sampling.h"
 
@@ -27,31 +32,17 @@ namespace ops {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned int blocks_for(int64_t n) {
-  const int64_t max_blocks = int64_t(1) << 20;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
-}
-
-#define CUDA_KERNEL_LOOP_64(i, n) \
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
-
 template <typename acc_t, typename scalar_t>
 __device__ inline RoiLayout<acc_t> device_roi_layout(const PoolGeometry& g, const scalar_t* roi_) {
   const acc_t roi[5] = {acc_t(roi_[0]), acc_t(roi_[1]), acc_t(roi_[2]), acc_t(roi_[3]), acc_t(roi_[4])};
   return roi_layout(roi, acc_t(g.spatial_scale), g.pooled_h, g.pooled_w, g.sampling_ratio);
 }
 
-// Offset of bin `bin` of RoI `k` in feature pixels: (dy, dx).
-template <typename acc_t, typename scalar_t>
-__device__ inline void bin_shift(
-    const PoolGeometry& g, const scalar_t* offset, const RoiLayout<acc_t>& r, int64_t k, int64_t bin, acc_t& dy,
-    acc_t& dx) {
-  dy = dx = acc_t(0);
-  if (offset) {
-    dx = acc_t(g.gamma) * acc_t(offset[(k * 2 + 0) * g.bins() + bin]) * r.width;
-    dy = acc_t(g.gamma) * acc_t(offset[(k * 2 + 1) * g.bins() + bin]) * r.height;
+// The batch index check, unless the current stream is being captured into
+// a CUDA graph (no host sync allowed there; the kernels skip bad indices).
+inline void check_batch_indices_unless_capturing(const at::Tensor& rois, const PoolGeometry& g) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    check_roi_batch_indices(rois, g.batch);
   }
 }
 
@@ -153,9 +144,10 @@ __global__ void deform_roi_pool_offset_grad_kernel(
     }
     const acc_t m = mask ? acc_t(mask[k * bins + bin]) : acc_t(1);
     if (grad_offset) {
-      // d(sample)/d(offset) = gamma * roi size.
-      grad_offset[(k * 2 + 0) * bins + bin] = scalar_t(acc_x * r.inv_count * m * acc_t(g.gamma) * r.width);
-      grad_offset[(k * 2 + 1) * bins + bin] = scalar_t(acc_y * r.inv_count * m * acc_t(g.gamma) * r.height);
+      acc_t grad_x, grad_y;
+      offset_grads(g, r, acc_x, acc_y, m, grad_x, grad_y);
+      grad_offset[(k * 2 + 0) * bins + bin] = scalar_t(grad_x);
+      grad_offset[(k * 2 + 1) * bins + bin] = scalar_t(grad_y);
     }
     if (grad_mask) {
       grad_mask[k * bins + bin] = scalar_t(acc_v * r.inv_count);
@@ -170,6 +162,7 @@ at::Tensor deform_roi_pool_forward_kernel(
   const PoolGeometry g = check_and_make_geometry(
       input_, rois_, offset_, mask_, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   c10::cuda::CUDAGuard device_guard(input_.device());
+  check_batch_indices_unless_capturing(rois_, g);
   const at::Tensor input = input_.contiguous();
   const at::Tensor rois = rois_.contiguous();
   const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
@@ -199,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_kernel(
   check_output_grad(grad_, g);
   at::globalContext().alertNotDeterministic("dcnv2::_deform_roi_pool_backward (CUDA input gradient uses atomicAdd)");
   c10::cuda::CUDAGuard device_guard(input_.device());
+  check_batch_indices_unless_capturing(rois_, g);
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor input = input_.contiguous();
   const at::Tensor rois = rois_.contiguous();
