@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog
-from detectron2.structures import BoxMode
 
 from dcnv2_plugin.data import register_shapes_dataset
 from dcnv2_plugin.visualization.pictures import load_detector
 from dcnv2_plugin.visualization.spatial_support import (
     measure_objects,
+    record_node,
     save_spatial_support_pictures,
     summarize_objects,
 )
@@ -91,18 +91,18 @@ def load_models(args):
 def draw(args, models):
     if args.dataset:
         record = DatasetCatalog.get(args.dataset)[args.image_index]
-        image_path, name = Path(record["file_name"]), f"{args.dataset}_{record['image_id']}"
-        annotation = record["annotations"][args.object]
-        box = BoxMode.convert(list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS)
-        box = args.box or box
-    else:
-        if not args.box:
-            raise SystemExit("--input needs --box (the 2fc node's RoI)")
+        image_path, center, box = record_node(record, args.object)
+        name = f"{args.dataset}_{record['image_id']}"
+    elif args.box:
         image_path, name, box = args.input, args.input.stem, args.box
-    # The unit defaults to the box's center (pixel edges to pixel indices).
-    x, y = args.unit or ((box[0] + box[2]) / 2 - 0.5, (box[1] + box[3]) / 2 - 0.5)
+        # The box's center, from pixel edges to pixel indices.
+        center = ((box[1] + box[3]) / 2 - 0.5, (box[0] + box[2]) / 2 - 0.5)
+    else:
+        raise SystemExit("--input needs --box (the 2fc node's RoI)")
+    box = args.box or box
+    center = (args.unit[1], args.unit[0]) if args.unit else center
     for path in save_spatial_support_pictures(
-        models, image_path, args.output, name, (y, x), box, layers=args.layers, epsilon=args.epsilon
+        models, image_path, args.output, name, center, box, layers=args.layers, epsilon=args.epsilon
     ):
         print(f"wrote {path}")
 

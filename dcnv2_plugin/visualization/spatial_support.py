@@ -73,6 +73,17 @@ def as_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1).copy())
 
 
+def record_node(record: Dict, object_index: int = 0):
+    """(image path, conv5 node's image (y, x), 2fc node's box (x1, y1, x2,
+    y2)) for an annotated object of a dataset record: its box, and the
+    unit at the box's center."""
+    annotation = record["annotations"][object_index]
+    box = BoxMode.convert(list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS)
+    # Box centers from pixel edges to pixel indices.
+    center = ((box[1] + box[3]) / 2 - 0.5, (box[0] + box[2]) / 2 - 0.5)
+    return Path(record["file_name"]), center, box
+
+
 def draw_spatial_support(
     detectors: Sequence[Tuple[str, object, nn.Module]],
     image_path: Path,
