@@ -148,11 +148,12 @@ def object_regions(record: Dict, resize) -> List[Tuple[np.ndarray, np.ndarray]]:
     return regions
 
 
-def support_inside(support: SpatialSupport, region: np.ndarray) -> Dict[str, float]:
-    """The share of the node's effective-receptive-field mass and of its
+def support_inside(node, image: torch.Tensor, region: np.ndarray, epsilon: float) -> Dict[str, float]:
+    """The share of a node's effective-receptive-field mass and of its
     saliency region that lies inside `region` [H, W] bool."""
-    field = support.receptive_field
-    saliency = support.saliency.mask
+    field = effective_receptive_field(node, image)
+    saliency = saliency_region(node, image, field, epsilon).mask
+    field = field.numpy()
     return {
         "erf_inside": float(field[region].sum() / max(field.sum(), np.finfo(np.float64).tiny)),
         "saliency_inside": float((saliency & region).sum() / max(saliency.sum(), 1)),
@@ -174,10 +175,11 @@ def measure_objects(
             # Box centers from pixel edges to pixel indices.
             center = ((box[1] + box[3]) / 2 - 0.5, (box[0] + box[2]) / 2 - 0.5)
             row = {"object_area": float(region.mean())}
-            conv5 = conv5_support(model, tensor, center, epsilon=epsilon)
-            row.update({f"conv5_{key}": value for key, value in support_inside(conv5, region).items()})
-            roi = box_support(model, tensor, box, cfg.MODEL.DCNV2.DEFORM_POOL.GAMMA, epsilon=epsilon)
-            row.update({f"2fc_{key}": value for key, value in support_inside(roi, region).items()})
+            nodes = {"conv5": Conv5Node(model, center, tuple(tensor.shape[-2:])), "2fc": BoxHeadNode(model, box)}
+            for kind, node in nodes.items():
+                row.update(
+                    {f"{kind}_{key}": value for key, value in support_inside(node, tensor, region, epsilon).items()}
+                )
             results.append(row)
     return results
 

@@ -111,7 +111,8 @@ def saliency_region(
     searched over the regions made of the `priority` [H, W] map's top-k
     pixels (the effective receptive field, in practice). The region grows
     on a geometric grid of k, then a coarse-to-fine search narrows the
-    first k that meets the bound down to one pixel. The error need not
+    first k that meets the bound down to 0.1% of the image (at least one
+    pixel). The error need not
     fall monotonically as the region grows, so this is the smallest
     region along the search's path, not a certified minimum; it always
     meets the bound (at worst, the whole image does).
@@ -136,7 +137,7 @@ def saliency_region(
     grid_errors = errors(grid)
     first = next(i for i, error in enumerate(grid_errors) if error < epsilon or grid[i] == total)
     low, high, high_error = (grid[first - 1] if first else 0), grid[first], grid_errors[first]
-    while high - low > 1:
+    while high - low > max(1, total // 1000):
         inside = np.unique(np.linspace(low, high, batch_size + 2).round().astype(int))
         candidates = [size for size in inside.tolist() if low < size < high]
         candidate_errors = errors(candidates)
