@@ -187,6 +187,13 @@ def test_detector_nodes_on_a_random_dcnv2_model(shapes_image):
     # Each layer's weights sum to 1.
     assert conv5.locations.weights.sum() == pytest.approx(3.0)
     assert conv5.receptive_field.shape == (128, 128) and conv5.saliency.error < 0.1
+    assert np.any(conv5.locations.points % 32 != 0)  # offsets move the points off the grid
+    # A regular model's points are on res5's stride-32 grid, reaching one unit
+    # beyond the map (padding); a unit at the corner weighs nothing beyond 3 units.
+    _, regular = demo_model("regular")
+    corner = conv5_support(regular, image, (0.0, 0.0))
+    points = corner.locations.points
+    assert np.all(points % 32 == 0) and points.min() == -32 and points.max() <= 3 * 32
     roi = box_support(model, image, [30.0, 40.0, 90.0, 100.0], cfg.MODEL.DCNV2.DEFORM_POOL.GAMMA)
     assert roi.locations.points.shape == (49, 2) and roi.locations.weights.sum() == pytest.approx(1.0)
     assert roi.saliency.error < 0.1 <= roi.saliency.complement_error
