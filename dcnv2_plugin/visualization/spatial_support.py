@@ -109,14 +109,16 @@ def draw_spatial_support(
     return {kind: spatial_support_figure(rgb, rows[kind], f"{Path(image_path).name}") for kind in NODE_KINDS}
 
 
-def save_spatial_support_pictures(detectors, image_path: Path, output: Path, name: str, image_yx, box, **options):
+def save_spatial_support_pictures(
+    detectors, image_path: Path, output: Path, name: str, image_yx, box, *, dpi: int = 100, **options
+):
     """`draw_spatial_support`, saved as output/<name>_support_conv5.png and
     output/<name>_support_2fc.png; returns their paths."""
     output.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, figure in draw_spatial_support(detectors, Path(image_path), image_yx, box, **options).items():
         path = output / f"{name}_support_{kind}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
+        figure.savefig(path, dpi=dpi, bbox_inches="tight")
         paths.append(path)
     return paths
 
