@@ -231,7 +231,7 @@ def test_command_line_draws_and_measures(tmp_path, shapes_image):
     spec.loader.exec_module(tool)
     tool.main(
         ["draw", "--run", *runs, "--input", str(image_path), "--unit", "70", "60", "--box", "30", "40", "90", "100"]
-        + ["--output", str(tmp_path / "pictures")]
+        + ["--output", str(tmp_path / "pictures"), "--palette"]
     )
     for kind in ("conv5", "2fc"):
         picture = cv2.imread(str(tmp_path / "pictures" / f"shapes_support_{kind}.png"))

@@ -71,6 +71,7 @@ def parse_args(argv=None):
     draw.add_argument("--layers", type=int, default=3, help="the last deformable (else regular) 3x3 convs to weigh")
     draw.add_argument("--output", type=Path, required=True, help="folder for the PNGs")
     draw.add_argument("--dpi", type=int, default=100, help="the PNGs' resolution")
+    draw.add_argument("--palette", action="store_true", help="256-colour PNGs (smaller files)")
     measure = commands.add_parser("measure", help="the share of the support inside the objects")
     add_model_args(measure)
     measure.add_argument("--dataset", default="dcnv2_shapes_val")
@@ -103,7 +104,16 @@ def draw(args, models):
     box = args.box or box
     center = (args.unit[1], args.unit[0]) if args.unit else center
     for path in save_spatial_support_pictures(
-        models, image_path, args.output, name, center, box, dpi=args.dpi, layers=args.layers, epsilon=args.epsilon
+        models,
+        image_path,
+        args.output,
+        name,
+        center,
+        box,
+        dpi=args.dpi,
+        palette=args.palette,
+        layers=args.layers,
+        epsilon=args.epsilon,
     ):
         print(f"wrote {path}")
 

@@ -12,6 +12,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.structures import BoxMode
+from PIL import Image
 from pycocotools import mask as mask_util
 from torch import nn
 
@@ -110,15 +111,29 @@ def draw_spatial_support(
 
 
 def save_spatial_support_pictures(
-    detectors, image_path: Path, output: Path, name: str, image_yx, box, *, dpi: int = 100, **options
+    detectors,
+    image_path: Path,
+    output: Path,
+    name: str,
+    image_yx,
+    box,
+    *,
+    dpi: int = 100,
+    palette: bool = False,
+    **options,
 ):
     """`draw_spatial_support`, saved as output/<name>_support_conv5.png and
-    output/<name>_support_2fc.png; returns their paths."""
+    output/<name>_support_2fc.png (with `palette`, as 256-colour PNGs, about
+    a third of the size); returns their paths."""
     output.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, figure in draw_spatial_support(detectors, Path(image_path), image_yx, box, **options).items():
         path = output / f"{name}_support_{kind}.png"
         figure.savefig(path, dpi=dpi, bbox_inches="tight")
+        if palette:
+            with Image.open(path) as picture:
+                quantized = picture.convert("RGB").quantize(colors=256)
+            quantized.save(path, optimize=True)
         paths.append(path)
     return paths
 
