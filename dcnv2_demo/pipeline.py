@@ -23,6 +23,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dcnv2_plugin.config import load_config
 from dcnv2_plugin.visualization.pictures import load_detector, save_detector_pictures
+from dcnv2_plugin.visualization.spatial_support import record_node, save_spatial_support_pictures
 
 from .datasets import DemoDatasets, register_demo_datasets
 from .models import DEMO_MODELS, DemoModel, demo_config
@@ -155,6 +156,26 @@ def _draw_pictures(run: Run, val_records: Sequence[Dict], output: Path) -> None:
             log(f"wrote {path}")
 
 
+def _draw_spatial_support(runs: Sequence[Run], val_records: Sequence[Dict], output: Path) -> None:
+    """The effective spatial support (as tools/spatial_support.py draws it) of
+    every model's first run, side by side: the conv5 unit at the first
+    validation object's center and the 2fc node of its box."""
+    first = {}
+    for run in runs:
+        first.setdefault(run.model.name, run)
+    first_runs = list(first.values())
+    if not first_runs or not val_records[0]["annotations"]:
+        return
+    log(f"drawing the effective spatial support of {len(first_runs)} model(s) on a validation object")
+    detectors = [
+        (run.model.title, *load_detector(str(run.output_dir / "config.yaml"), run.output_dir / "model_final.pth"))
+        for run in first_runs
+    ]
+    image, center, box = record_node(val_records[0])
+    for path in save_spatial_support_pictures(detectors, image, output, image.stem, center, box):
+        log(f"wrote {path}")
+
+
 def run_demo(options: DemoOptions) -> Dict:
     """Runs the demo; returns what results.json holds."""
     unknown = [name for name in options.models if name not in DEMO_MODELS]
@@ -197,6 +218,7 @@ def run_demo(options: DemoOptions) -> Dict:
         _draw_pictures(picture_runs[0], val_records, output / "pictures")
     else:
         log(f"no pictures: the sampling locations are drawn for the {PICTURE_MODEL} model, which was not trained")
+    _draw_spatial_support(runs, val_records, output / "pictures")
 
     wall_seconds = time.perf_counter() - start
     details = {

@@ -161,6 +161,10 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
         assert len(pictures) == 2
         for picture in pictures:
             assert_png(picture)
+    # The effective spatial support of both models, for the conv5 and the 2fc node.
+    for kind in ("conv5", "2fc"):
+        (picture,) = (output / "pictures").glob(f"*_support_{kind}.png")
+        assert_png(picture)
 
     # A second demo in the same folder reuses the shared start.
     start_mtime = Path(start_weights).stat().st_mtime_ns

@@ -99,3 +99,48 @@ def roi_bins_figure(
         scatter = _weighted_scatter(ax, end, flat, float(flat.max()) or 1.0, size=10)
         figure.colorbar(scatter, ax=ax, shrink=0.7, label="bin modulation")
     return figure
+
+
+def _node_marker(ax, support) -> None:
+    """The conv5 unit (a circle) or the 2fc node's box."""
+    if support.unit is not None:
+        ax.plot(support.unit[1], support.unit[0], "o", color="lime", markersize=9, markerfacecolor="none", mew=2)
+    if support.box is not None:
+        x1, y1, x2, y2 = support.box
+        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
+
+
+def spatial_support_figure(image: np.ndarray, rows: Sequence[Tuple[str, object]], title: str) -> Figure:
+    """One row per model (title, `SpatialSupport`): the effective sampling or
+    bin locations (coloured by their share of the gradient), the effective
+    receptive field (|gradient| per pixel, over a grey image, scaled to the
+    panel's largest value) and the saliency region (the rest of the image
+    dimmed)."""
+    panel = _PANEL_INCHES * 0.75
+    figure = Figure(figsize=(panel * 3, panel * len(rows) + 0.4), layout="constrained")
+    axes = figure.subplots(len(rows), 3, squeeze=False)
+    grey = image.mean(2, keepdims=True).repeat(3, 2).astype(np.uint8)
+    for (model, support), (locations, field, saliency) in zip(rows, axes):
+        weights = support.locations.weights
+        kind = "bin locations" if support.box is not None else "sampling locations"
+        _image_axes(locations, image, f"{model}: effective {kind}\n{support.locations.description}")
+        scatter = _weighted_scatter(locations, support.locations.points, weights, float(weights.max()) or 1.0, 8)
+        figure.colorbar(scatter, ax=locations, shrink=0.7, label="share of |gradient|")
+        _node_marker(locations, support)
+
+        _image_axes(field, grey, f"effective receptive field, {support.node}")
+        heat = support.receptive_field / (support.receptive_field.max() or 1.0)
+        field.imshow(heat, cmap="inferno", alpha=0.75, vmin=0.0, vmax=1.0)
+        _node_marker(field, support)
+
+        region = support.saliency
+        dimmed = np.where(region.mask[..., None], image, (image * 0.25).astype(image.dtype))
+        _image_axes(
+            saliency,
+            dimmed,
+            f"saliency region: {region.mask.mean():.0%} of the image\n"
+            f"L_rec {region.error:.3f} < {region.epsilon:g} (rest alone: {region.complement_error:.2f})",
+        )
+        _node_marker(saliency, support)
+    figure.suptitle(title, fontsize=10)
+    return figure
