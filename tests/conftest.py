@@ -41,6 +41,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    from helpers import NEEDS_CUDA
+
+    for item in items:
+        if any(mark.kwargs.get("reason") == NEEDS_CUDA.kwargs["reason"] for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow (CI does)")
