@@ -16,8 +16,9 @@ bad values included, against an independent implementation.
 
 Every property: no crash; outputs and gradients (input, offset, mask, weight,
 bias) finite wherever the reference's are, and equal to them there within the
-dtype's tolerance; non-finite values only where the reference has them
-(from the convolution's non-finite masks). Sizes are small, so each example takes milliseconds.
+dtype's tolerance; non-finite values only where the reference has them (from
+the convolution's non-finite masks). Sizes are small: an example takes
+milliseconds.
 
 Profiles (tests/conftest.py): "ci", the default, derandomized; "long"
 (`--hypothesis-profile=long` or DCNV2_HYPOTHESIS_PROFILE=long), 10,000
