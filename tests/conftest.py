@@ -23,7 +23,7 @@ _HYPOTHESIS_COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 # CI: the same examples every run; the whole property file in 1 to 3 minutes on a 2-core CPU.
-settings.register_profile("ci", max_examples=400, derandomize=True, **_HYPOTHESIS_COMMON)
+settings.register_profile("ci", max_examples=800, derandomize=True, **_HYPOTHESIS_COMMON)
 settings.register_profile("long", max_examples=10_000, **_HYPOTHESIS_COMMON)
 settings.load_profile(os.environ.get(HYPOTHESIS_PROFILE_ENV, "ci"))
 
