@@ -12,7 +12,7 @@ EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o
 ENV_STAMP := $(VENV)/.dcnv2-env-stamp
 EXT_STAMP := build/.dcnv2-ext-stamp
 
-.PHONY: env ext test test-no-vector-clones demo bench cuda-compile lint format clean
+.PHONY: env ext test test-no-vector-clones demo bench cuda-compile gpu-check lint format clean
 
 env: $(ENV_STAMP)
 
@@ -61,6 +61,11 @@ cuda-compile: $(ENV_STAMP)
 	CUDA_HOME="$(or $(CUDA_HOME),$(abspath $(NVCC_TOP)))" FORCE_CUDA=1 \
 		TORCH_CUDA_ARCH_LIST="$(or $(TORCH_CUDA_ARCH_LIST),9.0)" \
 		$(PYTHON) setup.py -q build_ext --build-temp build/cuda-compile/tmp --build-lib build/cuda-compile/lib
+
+# The checks that need a CUDA GPU: the CUDA tests (pytest -m cuda, CPU vs
+# CUDA included), then a short CUDA benchmark; fails at once without a GPU.
+gpu-check: $(ENV_STAMP)
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 # Style (pyproject.toml, .clang-format): `make format` applies it, `make lint` checks it (CI does).
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')

@@ -15,11 +15,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
+# The mark of a test that needs a CUDA GPU: skipped without one, and
+# selected by `pytest -m cuda` (conftest.py adds that marker to every test
+# carrying this one; `make gpu-check` runs them).
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # CPU always; CUDA variants are collected everywhere and skipped without a GPU.
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-]
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 def run_python(

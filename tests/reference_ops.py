@@ -9,11 +9,18 @@ import torch
 
 
 def _roi_align_bilinear(feature, y, x):
-    """RoIAlign's bilinear sampling of feature [C, H, W] at points y, x [N]."""
+    """RoIAlign's bilinear sampling of feature [C, H, W] at points y, x [N].
+
+    Points more than a pixel outside the map, and NaN or infinite points,
+    read zero with zero gradient; points in (-1, 0] read the border (RoIAlign
+    sets them to 0, so their coordinate gradient is zero there too)."""
     _, height, width = feature.shape
     inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
-    y = y.clamp(min=0)
-    x = x.clamp(min=0)
+    # Moved inside before any arithmetic, so that no NaN reaches a gradient.
+    y = torch.where(inside, y, 0.0)
+    x = torch.where(inside, x, 0.0)
+    y = torch.where(y <= 0, 0.0, y)
+    x = torch.where(x <= 0, 0.0, x)
     y_low = y.detach().floor().long()
     x_low = x.detach().floor().long()
     y_at_edge = y_low >= height - 1
@@ -36,7 +43,7 @@ def _roi_align_bilinear(feature, y, x):
         + ly * hx * at(y_high, x_low)
         + ly * lx * at(y_high, x_high)
     )
-    return value * inside
+    return torch.where(inside, value, 0.0)
 
 
 def deform_roi_pool_reference(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
@@ -49,8 +56,8 @@ def deform_roi_pool_reference(input, rois, offset, mask, output_size, spatial_sc
         bin_h, bin_w = roi_h / ph, roi_w / pw
         grid_h = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bin_h.item()), 0)
         grid_w = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bin_w.item()), 0)
-        if grid_h * grid_w == 0:
-            outputs.append(input.new_zeros(input.shape[1], ph, pw))
+        if grid_h * grid_w == 0:  # no sample: zero, still times the mask (a NaN mask stays NaN)
+            outputs.append(input.new_zeros(input.shape[1], ph, pw) * (mask[k, 0] if mask is not None else 1))
             continue
         i = torch.arange(ph, dtype=input.dtype).view(ph, 1, 1, 1)
         j = torch.arange(pw, dtype=input.dtype).view(1, pw, 1, 1)

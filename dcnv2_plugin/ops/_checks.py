@@ -15,8 +15,12 @@ def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
 
 def autocast_will_cast(t: torch.Tensor) -> bool:
     """Under autocast the operators' autocast kernels cast every floating
-    input to one compute dtype, so mixed dtypes are expected there."""
-    return torch.is_autocast_enabled(t.device.type)
+    input to one compute dtype, so mixed dtypes are expected there.
+
+    Devices without autocast (the meta device of shape inference and
+    deferred initialization) never cast: asking them would raise."""
+    device_type = t.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
@@ -34,7 +38,8 @@ def check_floating(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and autocast_will_cast(t):
         return
     supported = (torch.float32, torch.float64)
-    if t.is_cuda:
+    # The meta device stands for any device in shape inference.
+    if t.is_cuda or t.is_meta:
         supported = supported + (torch.float16, torch.bfloat16)
     if t.dtype not in supported:
         raise TypeError(
