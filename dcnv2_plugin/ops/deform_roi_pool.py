@@ -51,7 +51,8 @@ def deform_roi_pool(
         output_size: (ph, pw).
         spatial_scale: feature-map size / image size.
         sampling_ratio: samples per bin side; <= 0 means adaptive,
-            ceil(roi size / output size), as in RoIAlign.
+            ceil(roi size / output size), as in RoIAlign, capped at 1024
+            (only bins wider than 1024 feature-map pixels take fewer).
         gamma: scale of the normalized offsets (0.1 in the paper).
     Returns:
         [K, C, ph, pw].
