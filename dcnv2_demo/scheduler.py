@@ -33,7 +33,7 @@ def minutes(seconds: float) -> str:
 
 
 # Training seconds per iteration of the regular model, one torch thread, on an
-# idle 2-core machine (AVX-512 AMD EPYC; README, Demo): the yardstick of the
+# idle 2-core machine (AVX-512 AMD EPYC), measured with an earlier build: the yardstick of the
 # progress lines' slowness warning, scaled by each model's relative cost.
 REFERENCE_SECONDS_PER_ITER = 0.15
 # A run this many times slower than the yardstick gets a warning.
