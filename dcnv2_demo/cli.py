@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from .models import DEMO_MODELS
+from .models import ABLATION_ROWS, ALL_MODELS, DEMO_MODELS
 from .pipeline import DemoOptions, run_demo
 from .scheduler import default_jobs
 
@@ -22,6 +22,7 @@ DCNv2 model's sampling locations, drawn by tools/visualize.py).
     python tools/demo.py --output output/demo
     python tools/demo.py --output output/demo --models regular dcnv2 --seed 0 1
     python tools/demo.py --output /tmp/demo --quick    # a smoke test of the pipeline
+    python tools/demo.py --output output/ablation --ablation --seed 0 1 2
 """
 
 
@@ -31,9 +32,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--models",
         nargs="+",
-        choices=list(DEMO_MODELS),
-        default=list(DEMO_MODELS),
-        help="models to train (default: all)",
+        choices=list(ALL_MODELS),
+        help=f"models to train (default: the demo's, {', '.join(DEMO_MODELS)}; or --ablation's)",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="train the rows of the paper's Table 1 (deformable modules) and Table 3 (mimicked regions) "
+        f"from the same shared start: {', '.join(ABLATION_ROWS)}; results.md has a table for each",
     )
     parser.add_argument(
         "--seed",
@@ -57,11 +63,18 @@ def parse_args(argv=None):
         help="runs trained side by side, the cores shared among them (default: %(default)s)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: 1, so that results do not depend on the machine; see the README)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a few iterations on a handful of images: checks the pipeline, measures nothing",
     )
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = list(ABLATION_ROWS if args.ablation else DEMO_MODELS)
     for name in ("iters", "start_iters"):
         if getattr(args, name) is not None and getattr(args, name) < 3:
             parser.error(
@@ -69,6 +82,8 @@ def parse_args(argv=None):
             )
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     return args
 
 
@@ -82,5 +97,7 @@ def main(argv=None):
         start_iters=args.start_iters,
         quick=args.quick,
         jobs=args.jobs,
+        threads=args.threads,
+        ablation=args.ablation,
     )
     return run_demo(options)

@@ -1,7 +1,7 @@
 """The models the demo compares, each a packaged config in configs/demo/."""
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 from dcnv2_plugin.model_zoo import get_config_file
 
@@ -26,6 +26,36 @@ DEMO_MODELS: Dict[str, DemoModel] = {
         DemoModel("dcnv2_mimic", "DCNv2 + mimicking", relative_cost=1.8),
     )
 }
+
+# tools/demo.py --ablation: the rows of the paper's Table 1 (deformable
+# modules, added one at a time) and Table 3 (which RoIs are mimicked), all
+# from the same shared start. Models of the demo's table are reused.
+ABLATION_MODELS: Dict[str, DemoModel] = {
+    model.name: model
+    for model in (
+        DemoModel("dconv_c5", "dconv @c5", relative_cost=1.05),
+        DemoModel("dconv_c3-c5", "dconv @c3-c5", relative_cost=1.1),
+        DemoModel("dcnv2_mimic_bg", "DCNv2 + mimicking BG only", relative_cost=1.8),
+        DemoModel("dcnv2_mimic_fgbg", "DCNv2 + mimicking FG & BG", relative_cost=1.8),
+    )
+}
+ALL_MODELS: Dict[str, DemoModel] = {**DEMO_MODELS, **ABLATION_MODELS}
+ABLATION_TABLES: Dict[str, Tuple[str, ...]] = {
+    "The paper's Table 1, deformable modules (its Mask R-CNN box AP on COCO: 36.6, 40.2, 42.2, 42.4, 43.1)": (
+        "regular",
+        "dconv_c5",
+        "dconv_c3-c5",
+        "dcnv1",
+        "dcnv2",
+    ),
+    "The paper's Table 3, mimicked regions (its Mask R-CNN box AP on COCO: 43.1, 44.3, 43.3, 43.4)": (
+        "dcnv2",
+        "dcnv2_mimic",
+        "dcnv2_mimic_bg",
+        "dcnv2_mimic_fgbg",
+    ),
+}
+ABLATION_ROWS: Tuple[str, ...] = tuple(dict.fromkeys(name for rows in ABLATION_TABLES.values() for name in rows))
 
 
 def demo_config(name: str) -> str:

@@ -26,7 +26,7 @@ from dcnv2_plugin.visualization.pictures import load_detector, save_detector_pic
 from dcnv2_plugin.visualization.spatial_support import record_node, save_spatial_support_pictures
 
 from .datasets import DemoDatasets, register_demo_datasets
-from .models import DEMO_MODELS, DemoModel, demo_config
+from .models import ABLATION_TABLES, ALL_MODELS, DEMO_MODELS, DemoModel, demo_config
 from .report import Run, plot_losses, run_measurements, summarize, write_report
 from .scheduler import default_jobs, log, minutes, run_all
 from .training import RunSpec
@@ -55,11 +55,15 @@ class DemoOptions:
     start_iters: Optional[int] = None  # of the shared start; default: start.yaml's (QUICK_ITERS when quick)
     quick: bool = False
     jobs: int = field(default_factory=default_jobs)  # runs trained side by side
+    threads: Optional[int] = None  # torch threads per run; default: THREADS_PER_RUN
+    ablation: bool = False  # results.md in the tables of the paper's Table 1 and Table 3
     progress_seconds: float = 30.0
 
     def __post_init__(self):
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
 
 
 def schedule_opts(config_file: str, iters: int) -> List[str]:
@@ -95,6 +99,11 @@ def _prepare_datasets(datasets: DemoDatasets) -> List[Dict]:
     return DatasetCatalog.get(datasets.val)
 
 
+def _threads(options: DemoOptions) -> int:
+    """Torch threads per run: --threads, else THREADS_PER_RUN."""
+    return options.threads or THREADS_PER_RUN
+
+
 def _iterations(requested: Optional[int], quick: bool, config_file: str) -> int:
     if requested:
         return requested
@@ -126,7 +135,7 @@ def _train_start(options: DemoOptions, datasets: DemoDatasets, output: Path) -> 
         )
         return run, iters
     shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
-    threads = THREADS_PER_RUN
+    threads = _threads(options)
     spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
     log(
         f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
@@ -178,9 +187,9 @@ def _draw_spatial_support(runs: Sequence[Run], val_records: Sequence[Dict], outp
 
 def run_demo(options: DemoOptions) -> Dict:
     """Runs the demo; returns what results.json holds."""
-    unknown = [name for name in options.models if name not in DEMO_MODELS]
+    unknown = [name for name in options.models if name not in ALL_MODELS]
     if unknown:
-        raise ValueError(f"unknown demo models {unknown}; known: {', '.join(DEMO_MODELS)}")
+        raise ValueError(f"unknown demo models {unknown}; known: {', '.join(ALL_MODELS)}")
     start = time.perf_counter()
     load_at_start = os.getloadavg()
     output = Path(options.output)
@@ -191,8 +200,8 @@ def run_demo(options: DemoOptions) -> Dict:
 
     iters = _iterations(options.iters, options.quick, demo_config("Base-Demo"))
     runs, queue = [], []
-    threads = THREADS_PER_RUN
-    for model in (DEMO_MODELS[name] for name in options.models):
+    threads = _threads(options)
+    for model in (ALL_MODELS[name] for name in options.models):
         for seed in options.seeds:
             config_file = demo_config(model.name)
             run = Run(model, seed, output / "runs" / f"{model.name}_seed{seed}")
@@ -229,11 +238,12 @@ def run_demo(options: DemoOptions) -> Dict:
         "start": run_measurements(start_run),
         "iterations": iters,
         "runs_at_once": options.jobs,
+        "cpu_count": os.cpu_count() or 1,
         "torch_threads_per_run": threads,
         "load_average_at_start": [round(load, 2) for load in load_at_start],
         "wall_seconds": round(wall_seconds, 1),
     }
-    report_paths = write_report(summary, details, output)
+    report_paths = write_report(summary, details, output, ABLATION_TABLES if options.ablation else None)
     print("\n" + report_paths["markdown"].read_text())
     log(
         f"finished in {minutes(wall_seconds)}; outputs in {output}: {report_paths['markdown'].name}, "

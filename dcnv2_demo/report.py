@@ -120,10 +120,16 @@ def _cell(aggregate: Dict[str, Optional[float]], scale: float, digits: int) -> s
     return text
 
 
+def _seed_ap(run: Dict) -> str:
+    ap = run.get("box_AP")
+    return f"{run['seed']}: " + ("n/a" if ap is None else f"{ap:.1f}")
+
+
 def markdown_table(summary: Sequence[Dict]) -> str:
     """The table: APs in percent, parameters in millions, times in seconds
     per training iteration and milliseconds per test image. With several
-    seeds a cell reads "mean ± half the range"."""
+    seeds a cell reads "mean ± half the range", and a last column lists each
+    seed's box AP."""
     ap_columns = [
         f"{label}_{metric}"
         for label in TASKS.values()
@@ -139,8 +145,14 @@ def markdown_table(summary: Sequence[Dict]) -> str:
         "| model | " + " | ".join(header for _, header, _, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
+    per_seed = any(len(row.get("runs", ())) > 1 for row in summary)
+    if per_seed:
+        lines[0] += " box AP per seed |"
+        lines[1] += "---|"
     for row in summary:
         cells = [_cell(row[key], scale, digits) if key in row else "n/a" for key, _, scale, digits in columns]
+        if per_seed:
+            cells.append(" / ".join(_seed_ap(run) for run in row.get("runs", ())))
         lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -183,13 +195,35 @@ def start_note(details: Dict) -> str:
     return (
         f"Every model starts from the shared start, the regular detector after {details['start_iterations']} "
         f"iterations ({aps or 'no AP'}), and trains {details['iterations']} iterations more; "
-        f"{details['runs_at_once']} run(s) at a time, {details['torch_threads_per_run']} torch thread(s) each.\n"
+        f"{details['runs_at_once']} run(s) at a time, {details['torch_threads_per_run']} torch thread(s) each. "
+        f"Wall time {_minutes(details['wall_seconds'])} on {details['cpu_count']} cores "
+        f"(load average {' '.join(f'{x:g}' for x in details['load_average_at_start'])} at the start).\n"
     )
 
 
-def write_report(summary: Sequence[Dict], details: Dict, output: Path) -> Dict[str, Path]:
-    """Writes results.md and results.json into `output`; returns their paths."""
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def sectioned_tables(summary: Sequence[Dict], sections: Dict[str, Sequence[str]]) -> str:
+    """One table per section (a heading and the names of its models, in
+    order); a model may appear in several."""
+    by_name = {row["name"]: row for row in summary}
+    parts = []
+    for heading, names in sections.items():
+        rows = [by_name[name] for name in names if name in by_name]
+        if rows:
+            parts.append(f"### {heading}\n\n" + markdown_table(rows))
+    return "\n".join(parts)
+
+
+def write_report(
+    summary: Sequence[Dict], details: Dict, output: Path, sections: Optional[Dict[str, Sequence[str]]] = None
+) -> Dict[str, Path]:
+    """Writes results.md and results.json into `output`; returns their paths.
+    With `sections`, results.md has a table per section (see sectioned_tables)."""
     paths = {"markdown": output / "results.md", "json": output / "results.json"}
-    paths["markdown"].write_text(markdown_table(summary) + "\n" + start_note(details))
+    tables = sectioned_tables(summary, sections) if sections else markdown_table(summary)
+    paths["markdown"].write_text(tables + "\n" + start_note(details))
     paths["json"].write_text(json.dumps({**details, "models": list(summary)}, indent=2, allow_nan=False))
     return paths

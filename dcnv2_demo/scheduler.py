@@ -1,13 +1,24 @@
 """Runs demo trainings in processes of their own, several side by side, and
-reports their progress from the metrics detectron2 writes."""
+reports their progress from the metrics detectron2 writes.
 
+The demo shares the machine with whatever else runs on it. A run with more
+torch threads than it has cores to itself stalls: each parallel region waits
+for its slowest thread, and a thread that another process has displaced
+holds up the others (measured on 2 cores with one other busy process: a
+2-thread run took 5 s per iteration instead of 0.16). So runs use one
+torch thread unless told otherwise (see pipeline.THREADS_PER_RUN), and
+their OpenMP threads wait passively (they sleep instead of spinning on a
+core another run could use).
+"""
+
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from .report import Run, read_metrics
 from .training import RunSpec, train_and_evaluate_logged
@@ -19,6 +30,42 @@ def log(message: str) -> None:
 
 def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+# Training seconds per iteration of the regular model, one torch thread, on an
+# idle 2-core machine (AVX-512 AMD EPYC), measured with an earlier build: the yardstick of the
+# progress lines' slowness warning, scaled by each model's relative cost.
+REFERENCE_SECONDS_PER_ITER = 0.15
+# A run this many times slower than the yardstick gets a warning.
+SLOW_FACTOR = 3.0
+# The environment of every run: OpenMP threads sleep while they wait.
+RUN_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def slowness_note(seconds_per_iter: float, expected: float, factor: float = SLOW_FACTOR) -> str:
+    """'' for a run at a normal speed; for one `factor` times slower than
+    `expected` or more, a warning for its progress line."""
+    if not expected > 0 or not seconds_per_iter >= factor * expected:
+        return ""
+    return (
+        f" -- {seconds_per_iter / expected:.0f}x slower than the ~{expected:.2f} s/iter expected on an idle 2-core "
+        "machine: are other processes using the cores? (load average "
+        + " ".join(f"{load:.1f}" for load in os.getloadavg())
+        + ")"
+    )
+
+
+@contextlib.contextmanager
+def run_environment(variables: Dict[str, str]) -> Iterator[None]:
+    """Within the block, os.environ has `variables` where the user has not
+    set them (a spawned process inherits it); restored after."""
+    added = {key: value for key, value in variables.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def default_jobs() -> int:
@@ -57,9 +104,12 @@ def _progress(active: _ActiveRun) -> str:
     if not lines:
         return f"{active.label}: starting ({elapsed})"
     last = lines[-1]
+    seconds_per_iter = last.get("time", float("nan"))
+    expected = REFERENCE_SECONDS_PER_ITER * active.run.model.relative_cost
     return (
         f"{active.label}: iter {last['iteration'] + 1}/{active.iters}, total_loss {last['total_loss']:.3f}, "
-        f"{last.get('time', float('nan')):.2f} s/iter ({elapsed})"
+        f"{seconds_per_iter:.2f} s/iter ({elapsed})"
+        + ("" if active.spec.quick else slowness_note(seconds_per_iter, expected))
     )
 
 
@@ -70,7 +120,8 @@ def _start(label: str, run: Run, spec: RunSpec, iters: int) -> _ActiveRun:
     process = multiprocessing.get_context("spawn").Process(
         target=train_and_evaluate_logged, args=(spec, console_log), name=label
     )
-    process.start()
+    with run_environment(RUN_ENVIRONMENT):
+        process.start()
     log(f"{label}: started, log in {console_log}")
     return _ActiveRun(label, run, spec, process, console_log, iters, time.perf_counter())
 

@@ -60,8 +60,21 @@ def add_dcnv2_config(cfg: CN) -> None:
     _C.MODEL.DCNV2.MIMIC = CN()
     # Whether the mimicking branch and its loss are added during training.
     _C.MODEL.DCNV2.MIMIC.ENABLED = False
-    # Number of positive RoIs per image sampled for mimicking (32 in the paper).
+    # Number of RoIs per image sampled for mimicking (32 in the paper), drawn
+    # from the REGIONS below.
     _C.MODEL.DCNV2.MIMIC.NUM_POS_ROIS = 32
+    # Which of the ROI heads' training RoIs are mimicked (the paper's Table 3):
+    # "foreground" (positives only; the paper's choice and best setting),
+    # "background" (negatives only) or "both". The R-CNN branch's classifier
+    # learns a background RoI's crop as the background class.
+    _C.MODEL.DCNV2.MIMIC.REGIONS = "foreground"
+    # How the backbone's BatchNorm layers normalize the image crops: "train"
+    # (like the images: the crops' own batch statistics, which also update
+    # the running statistics that inference uses) or "frozen" (the running
+    # statistics, left unchanged: the crops are normalized as inference
+    # normalizes images, like the paper's backbone with frozen BN). Without
+    # BatchNorm (FrozenBN, GN) the two are the same.
+    _C.MODEL.DCNV2.MIMIC.CROP_BN = "train"
     # Side of the square image crop of each sampled RoI fed to the R-CNN branch.
     _C.MODEL.DCNV2.MIMIC.CROP_SIZE = 224
     # Weight of the feature mimic (cosine similarity) loss (0.1 in the paper).

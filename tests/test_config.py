@@ -43,6 +43,8 @@ def test_add_dcnv2_config_adds_only_the_dcnv2_subtree():
         "CROP_SIZE": 224,
         "LOSS_WEIGHT": 0.1,
         "CLS_LOSS_WEIGHT": 0.1,
+        "REGIONS": "foreground",
+        "CROP_BN": "train",
     }
 
 

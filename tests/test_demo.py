@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ from PIL import Image
 
 from dcnv2_demo import DEMO_MODELS
 from dcnv2_demo.cli import main as demo_main
+from dcnv2_demo.cli import parse_args
+from dcnv2_demo.models import ABLATION_ROWS, ABLATION_TABLES, ALL_MODELS
 from dcnv2_demo.pipeline import schedule_opts
-from dcnv2_demo.report import Run, markdown_table
-from dcnv2_demo.scheduler import run_all
+from dcnv2_demo.report import Run, markdown_table, sectioned_tables
+from dcnv2_demo.scheduler import REFERENCE_SECONDS_PER_ITER, run_all, run_environment, slowness_note
 from dcnv2_demo.training import RunSpec
 from dcnv2_plugin.config import load_config
 
@@ -22,18 +25,24 @@ CONFIG_DIR = ROOT / "configs" / "demo"
 # What each model changes in the regular model's config: nothing else may
 # differ, or the comparison would not isolate the deformable modules.
 DCN_KEYS = {"MODEL.RESNETS.DEFORM_ON_PER_STAGE", "MODEL.RESNETS.DEFORM_MODULATED", "MODEL.ROI_BOX_HEAD.POOLER_TYPE"}
+MIMIC_KEYS = {
+    "MODEL.META_ARCHITECTURE",
+    "MODEL.DCNV2.MIMIC.ENABLED",
+    "MODEL.DCNV2.MIMIC.NUM_POS_ROIS",
+    "MODEL.DCNV2.MIMIC.CROP_SIZE",
+    "MODEL.DCNV2.MIMIC.CROP_BN",
+}
 ALLOWED_CHANGES = {
     "regular": set(),
     "stn": {"MODEL.DCNV2.STN.ENABLED", "MODEL.DCNV2.STN.HIDDEN_DIM"},
     "dcnv1": DCN_KEYS - {"MODEL.RESNETS.DEFORM_MODULATED"},  # unmodulated is detectron2's default
     "dcnv2": DCN_KEYS,
-    "dcnv2_mimic": DCN_KEYS
-    | {
-        "MODEL.META_ARCHITECTURE",
-        "MODEL.DCNV2.MIMIC.ENABLED",
-        "MODEL.DCNV2.MIMIC.NUM_POS_ROIS",
-        "MODEL.DCNV2.MIMIC.CROP_SIZE",
-    },
+    "dcnv2_mimic": DCN_KEYS | MIMIC_KEYS,
+    # --ablation's further rows (the paper's Tables 1 and 3).
+    "dconv_c5": {"MODEL.RESNETS.DEFORM_ON_PER_STAGE"},
+    "dconv_c3-c5": {"MODEL.RESNETS.DEFORM_ON_PER_STAGE"},
+    "dcnv2_mimic_bg": DCN_KEYS | MIMIC_KEYS | {"MODEL.DCNV2.MIMIC.REGIONS"},
+    "dcnv2_mimic_fgbg": DCN_KEYS | MIMIC_KEYS | {"MODEL.DCNV2.MIMIC.REGIONS"},
 }
 
 
@@ -48,12 +57,12 @@ def flatten(node, prefix=""):
 
 
 def test_every_demo_model_has_a_config_and_an_allowed_list():
-    assert set(ALLOWED_CHANGES) == set(DEMO_MODELS)
-    for name in DEMO_MODELS:
+    assert set(ALLOWED_CHANGES) == set(ALL_MODELS)
+    for name in ALL_MODELS:
         assert (CONFIG_DIR / f"{name}.yaml").is_file()
 
 
-@pytest.mark.parametrize("name", [name for name in DEMO_MODELS if name != "regular"])
+@pytest.mark.parametrize("name", [name for name in ALL_MODELS if name != "regular"])
 def test_configs_differ_from_the_regular_one_only_in_their_modules(name):
     regular = flatten(load_config(CONFIG_DIR / "regular.yaml"))
     model = flatten(load_config(CONFIG_DIR / f"{name}.yaml"))
@@ -72,6 +81,38 @@ def test_the_demo_models_have_the_ablations_modules():
     for name in ("dcnv1", "dcnv2", "dcnv2_mimic"):
         assert {"DeformBottleneckBlock", "DeformableROIPooler"} <= module_types(name)
     assert "RCNNFeatureMimicking" in module_types("dcnv2_mimic")
+
+
+def test_the_ablation_rows_are_the_papers_settings():
+    def setting(name):
+        cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+        mimic = cfg.MODEL.DCNV2.MIMIC
+        return (
+            tuple(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE),
+            cfg.MODEL.RESNETS.DEFORM_MODULATED,
+            cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+            mimic.REGIONS if mimic.ENABLED else None,
+        )
+
+    c3_c5, none = (False, True, True, True), (False,) * 4
+    table1, table3 = ABLATION_TABLES.values()
+    assert [setting(name) for name in table1] == [
+        (none, False, "ROIAlignV2", None),
+        ((False, False, False, True), False, "ROIAlignV2", None),
+        (c3_c5, False, "ROIAlignV2", None),
+        (c3_c5, False, "DeformRoIPool", None),
+        (c3_c5, True, "ModulatedDeformRoIPool", None),
+    ]
+    assert [setting(name)[3] for name in table3] == [None, "foreground", "background", "both"]
+    assert all(setting(name)[:3] == (c3_c5, True, "ModulatedDeformRoIPool") for name in table3)
+
+
+def test_ablation_option_trains_the_rows_of_both_tables_once():
+    args = parse_args(["--output", "out", "--ablation"])
+    assert args.ablation and args.models == list(ABLATION_ROWS)
+    assert set(ABLATION_ROWS) == {name for rows in ABLATION_TABLES.values() for name in rows}
+    assert len(ABLATION_ROWS) == 8  # DCNv2 ends Table 1 and starts Table 3
+    assert parse_args(["--output", "out"]).models == list(DEMO_MODELS)
 
 
 def test_iters_override_keeps_the_schedule_in_proportion():
@@ -113,6 +154,55 @@ def test_table_shows_mean_and_half_range_across_seeds():
     assert header == "| model | box AP | box AP50 | box AP75 | params (M) | train s/iter | inference ms/image |"
     assert rule == "|---|---:|---:|---:|---:|---:|---:|"
     assert row == "| DCNv2 | 30.0 ± 2.0 | 50.0 | n/a | 2.63 | 0.61 ± 0.01 | 42 |"
+
+
+def test_ablation_report_has_a_table_per_paper_table_with_each_seeds_box_ap():
+    def aggregate(values):
+        return {"mean": sum(values) / len(values), "half_range": (max(values) - min(values)) / 2}
+
+    summary = [
+        {
+            "name": name,
+            "title": ALL_MODELS[name].title,
+            "runs": [{"seed": seed, "box_AP": 20.0 + i + seed} for seed in (0, 1, 2)],
+            "box_AP": aggregate([20.0 + i + seed for seed in (0, 1, 2)]),
+        }
+        for i, name in enumerate(ABLATION_ROWS)
+    ]
+    text = sectioned_tables(summary, ABLATION_TABLES)
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    assert headings == [f"### {heading}" for heading in ABLATION_TABLES]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    expected = [ALL_MODELS[name].title for rows in ABLATION_TABLES.values() for name in rows]
+    assert [row.split(" | ")[0][2:] for row in rows] == expected
+    dcnv2 = ABLATION_ROWS.index("dcnv2")
+    assert (
+        rows[4]
+        == rows[5]
+        == (
+            f"| {ALL_MODELS['dcnv2'].title} | {21 + dcnv2:.1f} ± 1.0 | n/a | n/a | n/a | "
+            f"0: {20 + dcnv2:.1f} / 1: {21 + dcnv2:.1f} / 2: {22 + dcnv2:.1f} |"
+        )
+    )
+
+
+def test_progress_warns_about_a_run_much_slower_than_expected():
+    expected = REFERENCE_SECONDS_PER_ITER
+    assert slowness_note(expected, expected) == ""
+    assert slowness_note(2.9 * expected, expected) == ""
+    note = slowness_note(30 * expected, expected)
+    assert "30x slower" in note and f"~{expected:.2f} s/iter" in note and "load average" in note
+    assert slowness_note(float("nan"), expected) == ""
+
+
+def test_runs_wait_passively_unless_the_user_chose_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with run_environment({"OMP_WAIT_POLICY": "PASSIVE"}):
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with run_environment({"OMP_WAIT_POLICY": "PASSIVE"}):
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def assert_png(path: Path):
@@ -172,3 +262,16 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
     demo_main(["--output", str(output), "--quick", "--models", "regular"])
     assert "reusing the shared start" in capsys.readouterr().out
     assert Path(start_weights).stat().st_mtime_ns == start_mtime
+
+
+@pytest.mark.slow
+def test_quick_ablation_writes_a_table_per_paper_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
+    output = tmp_path / "ablation"
+    returned = demo_main(["--output", str(output), "--quick", "--ablation", "--jobs", "2"])
+    assert [model["name"] for model in returned["models"]] == list(ABLATION_ROWS)
+    text = (output / "results.md").read_text()
+    for heading, names in ABLATION_TABLES.items():
+        section = text.split(f"### {heading}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert [line.split(" | ")[0][2:] for line in section[2:]] == [ALL_MODELS[name].title for name in names]
+    assert "Wall time" in text.splitlines()[-1] and returned["wall_seconds"] > 0

@@ -15,7 +15,7 @@ import dcnv2_plugin  # noqa: F401  (registers MimicRCNN and the DCNv2 components
 from dcnv2_plugin.config import load_config
 from dcnv2_plugin.modeling import check_config
 from dcnv2_plugin.modeling.mimic import MimicRCNN, RCNNFeatureMimicking, mimic_loss
-from dcnv2_plugin.modeling.mimic_sampling import crop_and_resize, sample_positive_rois
+from dcnv2_plugin.modeling.mimic_sampling import crop_and_resize, sample_mimic_rois, sample_positive_rois
 
 MIMIC_CONFIGS = [
     "COCO-Detection/faster_rcnn_R_50_FPN_mdconv_c3-c5_mdpool_mimic.yaml",
@@ -142,6 +142,49 @@ def test_sample_positive_rois_keeps_foreground_and_caps_each_image():
     indices = sampled[0].proposal_boxes.tensor[:, 0].long()
     assert set(indices.tolist()) < {0, 3, 4} and len(set(indices.tolist())) == 2
     assert torch.equal(sampled[0].gt_classes, rois[0].gt_classes[indices])
+
+
+@pytest.mark.parametrize(
+    "regions, expected",
+    [("foreground", {0, 3, 4}), ("background", {1, 5}), ("both", {0, 1, 3, 4, 5})],
+)
+def test_mimicked_regions_are_the_foreground_the_background_or_both_never_the_ignored(regions, expected):
+    background, ignored = NUM_CLASSES, -1
+    boxes = [[float(i), 0.0, float(i) + 10, 10.0] for i in range(6)]
+    rois = training_rois([boxes], [[0, background, ignored, 2, 1, background]])
+    sampled = sample_mimic_rois(rois, NUM_CLASSES, max_per_image=100, regions=regions)
+    indices = sampled[0].proposal_boxes.tensor[:, 0].long().tolist()
+    assert sorted(indices) == sorted(expected)
+    assert sampled[0].gt_classes.tolist() == rois[0].gt_classes[indices].tolist()
+
+
+def test_foreground_sampling_draws_the_rois_it_drew_before_regions_existed():
+    # Before MODEL.DCNV2.MIMIC.REGIONS, the branch drew from detectron2's
+    # select_foreground_proposals with one randperm per image: the default
+    # must draw the same RoIs in the same order from the same random state.
+    from detectron2.modeling.roi_heads import select_foreground_proposals
+
+    generator = torch.Generator().manual_seed(5)
+    classes = [torch.randint(-1, NUM_CLASSES + 1, (40,), generator=generator).tolist() for _ in range(3)]
+    boxes = [[[float(i), 0.0, i + 10.0, 10.0] for i in range(40)]] * 3
+    rois = training_rois(boxes, classes)
+    torch.manual_seed(7)
+    sampled = sample_mimic_rois(rois, NUM_CLASSES, max_per_image=6)
+    torch.manual_seed(7)
+    foreground, _ = select_foreground_proposals(rois, bg_label=NUM_CLASSES)
+    before = [r[torch.randperm(len(r))[:6]] for r in foreground]
+    for new, old in zip(sampled, before):
+        assert torch.equal(new.proposal_boxes.tensor, old.proposal_boxes.tensor)
+        assert torch.equal(new.gt_classes, old.gt_classes)
+
+
+@pytest.mark.parametrize("key, value", [("MODEL.DCNV2.MIMIC.REGIONS", "fg"), ("MODEL.DCNV2.MIMIC.CROP_BN", "eval")])
+def test_unknown_region_or_crop_bn_setting_is_refused_naming_the_key(key, value):
+    cfg = load_config(MIMIC_CONFIGS[1], TINY_MODEL + [key, value])
+    with pytest.raises(ValueError, match=f"{key} must be one of .*got '{value}'"):
+        check_config(cfg)
+    with pytest.raises(ValueError, match=f"{key} must be one of"):
+        build_model(cfg)
 
 
 def test_crop_and_resize_cuts_each_box_from_its_own_image():
@@ -459,3 +502,80 @@ def test_detector_mimic_losses_equal_the_hand_computed_ones_on_its_sampled_rois(
         expected = mimic_losses_by_hand(model, images, features, positives)
     for name in ("loss_mimic", "loss_mimic_cls"):
         torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)
+
+
+def test_background_rois_are_mimicked_and_classified_as_background():
+    model = tiny_model(MIMIC_CONFIGS[0], WEIGHTED + ["MODEL.DCNV2.MIMIC.REGIONS", "background"])
+    perturb_zero_initialized_weights(model, ("conv2_offset.weight", "offset_predictor.predictor.weight"))
+    background, ignored = NUM_CLASSES, -1
+    boxes = [[[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 20.0, 20.0], [0.0, 0.0, 30.0, 30.0]], [[50.0, 20.0, 94.0, 62.0]]]
+    rois = training_rois(boxes, [[0, background, ignored], [background]])
+    images = model.preprocess_image(distinct_images(2))
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        with EventStorage():
+            losses = model.mimic(images, features, rois, backbone=model.backbone, roi_heads=model.roi_heads)
+        expected = mimic_losses_by_hand(
+            model, images, features, [[(boxes[0][1], background)], [(boxes[1][0], background)]]
+        )
+    for name in ("loss_mimic", "loss_mimic_cls"):
+        torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)
+
+
+# BatchNorm everywhere in the backbone (a frozen stage would get FrozenBN).
+BATCHNORM = ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 0]
+
+
+def batchnorm_state(model):
+    return {
+        name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for name, m in model.backbone.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    }
+
+
+@pytest.mark.parametrize("crop_bn", ["train", "frozen"])
+def test_frozen_crop_batchnorm_normalizes_the_crops_with_the_running_statistics(crop_bn):
+    model = tiny_model(MIMIC_CONFIGS[0], WEIGHTED + BATCHNORM + ["MODEL.DCNV2.MIMIC.CROP_BN", crop_bn])
+    model.train()
+    # Running statistics that differ from any batch's.
+    generator = torch.Generator().manual_seed(2)
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    boxes = [[[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]], [[50.0, 20.0, 94.0, 62.0]]]
+    rois = training_rois(boxes, [[0, 2], [1]])
+    images = model.preprocess_image(distinct_images(2))
+    with torch.no_grad():
+        model.backbone.eval()  # the images' features, without touching the statistics
+        features = model.backbone(images.tensor)
+        model.backbone.train()
+        before = batchnorm_state(model)
+        with EventStorage():
+            losses = model.mimic(images, features, rois, backbone=model.backbone, roi_heads=model.roi_heads)
+        after = batchnorm_state(model)
+        assert model.backbone.training and all(m.training for m in model.backbone.modules())
+        if crop_bn == "frozen":
+            # Normalized as in inference, each crop's features are its own:
+            # the crops one at a time by hand give the same losses.
+            model.backbone.eval()
+            positives = [[(boxes[0][0], 0), (boxes[0][1], 2)], [(boxes[1][0], 1)]]
+            expected = mimic_losses_by_hand(model, images, features, positives)
+            for name in ("loss_mimic", "loss_mimic_cls"):
+                torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)
+    changed = [name for name in before if any(not torch.equal(b, a) for b, a in zip(before[name], after[name]))]
+    if crop_bn == "frozen":
+        assert before and not changed
+    else:
+        assert before and changed == list(before)  # the crops' batch updated every BatchNorm layer
+
+
+def test_frozen_crop_batchnorm_still_trains_the_backbone_through_the_crops():
+    model = tiny_model(MIMIC_CONFIGS[0], BATCHNORM + ["MODEL.DCNV2.MIMIC.CROP_BN", "frozen"])
+    rois = training_rois([[[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]], [[0, 2]])
+    losses = run_branch(model, rois)
+    losses["loss_mimic"].backward()
+    stem_norm = model.backbone.bottom_up.stem.conv1.norm
+    assert isinstance(stem_norm, torch.nn.BatchNorm2d)
+    assert stem_norm.weight.grad is not None and stem_norm.weight.grad.abs().sum() > 0

@@ -29,6 +29,13 @@ def check_mimic_architecture(cfg) -> None:
         )
 
 
+def check_mimic_keys(cfg) -> None:
+    """MODEL.DCNV2.MIMIC.REGIONS and CROP_BN name one of their settings."""
+    from .mimic import check_mimic_settings
+
+    check_mimic_settings(cfg.MODEL.DCNV2.MIMIC)
+
+
 def _pooling_heads_in_use(cfg):
     """Config keys of the heads that pool: the box head, and the mask and
     keypoint heads when they are on."""
@@ -100,7 +107,12 @@ def check_frozen_deformable_stages(cfg) -> None:
         )
 
 
-CONFIG_CHECKS = (check_mimic_architecture, check_roi_heads_support, check_frozen_deformable_stages)
+CONFIG_CHECKS = (
+    check_mimic_architecture,
+    check_mimic_keys,
+    check_roi_heads_support,
+    check_frozen_deformable_stages,
+)
 
 
 def check_config(cfg) -> None:

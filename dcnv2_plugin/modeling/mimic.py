@@ -19,7 +19,8 @@ objects RoIs that the later stages learn to call background. The backbone
 that all stages read is guided either way.
 """
 
-from typing import Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,10 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .cascade_roi_heads import DCNv2CascadeROIHeads
-from .mimic_sampling import crop_and_resize, sample_positive_rois
+from .mimic_sampling import MIMIC_REGIONS, crop_and_resize, sample_mimic_rois
+
+# MODEL.DCNV2.MIMIC.CROP_BN: how the backbone's BatchNorm layers normalize the crops.
+CROP_BN_MODES = ("train", "frozen")
 
 __all__ = ["MimicRCNN", "RCNNFeatureMimicking", "mimic_loss", "check_mimicked_roi_heads"]
 
@@ -40,9 +44,38 @@ def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor) -> torch.Tensor:
     """Mean over RoIs of 1 - cos(f_RCNN(b), f_FRCNN(b)).
 
     The paper's L_mimic sums over the RoIs; the mean keeps the loss weight's
-    meaning independent of how many positive RoIs a batch has.
+    meaning independent of how many RoIs a batch has.
     """
     return (1.0 - F.cosine_similarity(f_rcnn, f_frcnn, dim=1)).mean()
+
+
+@contextmanager
+def batchnorm_in_inference_mode(module: nn.Module) -> Iterator[None]:
+    """Within the block, every BatchNorm layer of `module` normalizes with its
+    running statistics and leaves them unchanged (as in inference), while
+    gradients still flow to its weights and inputs; the layers' modes are
+    restored after it."""
+    batchnorms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in batchnorms]
+    try:
+        for m in batchnorms:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(batchnorms, modes):
+            m.train(mode)
+
+
+def check_mimic_settings(mimic_cfg) -> None:
+    """The MODEL.DCNV2.MIMIC keys that take one of a few names."""
+    if mimic_cfg.REGIONS not in MIMIC_REGIONS:
+        raise ValueError(
+            f"MODEL.DCNV2.MIMIC.REGIONS must be one of {', '.join(map(repr, MIMIC_REGIONS))}; got {mimic_cfg.REGIONS!r}"
+        )
+    if mimic_cfg.CROP_BN not in CROP_BN_MODES:
+        raise ValueError(
+            f"MODEL.DCNV2.MIMIC.CROP_BN must be one of {', '.join(map(repr, CROP_BN_MODES))}; got {mimic_cfg.CROP_BN!r}"
+        )
 
 
 def check_mimicked_roi_heads(head_class: type) -> None:
@@ -82,16 +115,20 @@ def box_head_features(
 class RCNNFeatureMimicking(nn.Module):
     """The R-CNN branch and its two losses.
 
-    For each sampled positive RoI b (at most `num_pos_rois` per image):
+    For each sampled RoI b (at most `num_pos_rois` per image, from the
+    foreground RoIs, the background ones or both, as `regions` says):
     - f_FRCNN(b): the box head's feature of b in the Fast R-CNN branch;
     - f_RCNN(b): b's image region, resized to `crop_size` x `crop_size`, put
       through the same backbone, pooled as one whole-crop RoI by the same box
       pooler and put through the same box head.
     Losses: `loss_mimic` (see `mimic_loss`) and `loss_mimic_cls`, a
     (C+1)-way softmax classification of f_RCNN(b) against b's ground-truth
-    class. The backbone, pooler and box head are shared and passed in at each
-    call; the only parameters owned here are the R-CNN branch's classifier,
-    which the paper keeps apart from the Fast R-CNN one.
+    class (the background class for a background RoI). With `crop_bn`
+    "frozen" the backbone's BatchNorm layers normalize the crops with their
+    running statistics, which the crops then leave unchanged. The backbone,
+    pooler and box head are shared and passed in at each call; the only
+    parameters owned here are the R-CNN branch's classifier, which the paper
+    keeps apart from the Fast R-CNN one.
     """
 
     @configurable
@@ -104,6 +141,8 @@ class RCNNFeatureMimicking(nn.Module):
         crop_size: int,
         loss_weight: float,
         cls_loss_weight: float,
+        regions: str = "foreground",
+        crop_bn: str = "train",
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -111,6 +150,8 @@ class RCNNFeatureMimicking(nn.Module):
         self.crop_size = crop_size
         self.loss_weight = loss_weight
         self.cls_loss_weight = cls_loss_weight
+        self.regions = regions
+        self.crop_bn = crop_bn
         self.cls_score = nn.Linear(feature_dim, num_classes + 1)
         # As detectron2 initializes the Fast R-CNN classifier.
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -120,6 +161,7 @@ class RCNNFeatureMimicking(nn.Module):
     def from_config(cls, cfg, backbone: nn.Module, roi_heads: nn.Module):
         mimic = cfg.MODEL.DCNV2.MIMIC
         check_mimicked_roi_heads(type(roi_heads))
+        check_mimic_settings(mimic)
         if cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
             raise ValueError(
                 "R-CNN feature mimicking needs the RoIs the box head was trained on, but "
@@ -144,6 +186,8 @@ class RCNNFeatureMimicking(nn.Module):
             "crop_size": mimic.CROP_SIZE,
             "loss_weight": mimic.LOSS_WEIGHT,
             "cls_loss_weight": mimic.CLS_LOSS_WEIGHT,
+            "regions": mimic.REGIONS,
+            "crop_bn": mimic.CROP_BN,
         }
 
     def forward(
@@ -166,9 +210,9 @@ class RCNNFeatureMimicking(nn.Module):
         Returns:
             {"loss_mimic", "loss_mimic_cls"}, already weighted.
         """
-        positives = sample_positive_rois(rois, self.num_classes, self.num_pos_rois)
-        boxes = [p.proposal_boxes for p in positives]
-        gt_classes = torch.cat([p.gt_classes for p in positives])
+        sampled = sample_mimic_rois(rois, self.num_classes, self.num_pos_rois, self.regions)
+        boxes = [s.proposal_boxes for s in sampled]
+        gt_classes = torch.cat([s.gt_classes for s in sampled])
         get_event_storage().put_scalar("mimic/num_rois_per_image", gt_classes.numel() / len(rois))
         if gt_classes.numel() == 0:
             return self._zero_losses()
@@ -190,7 +234,12 @@ class RCNNFeatureMimicking(nn.Module):
         # paper's crop size too.) Another CROP_SIZE moves to the level the rule
         # gives a RoI of that size.
         whole_crop = Boxes(crops.new_tensor([[0.0, 0.0, self.crop_size, self.crop_size]]))
-        f_rcnn = box_head_features(roi_heads, backbone(crops), [whole_crop] * len(crops))
+        if self.crop_bn == "frozen":
+            with batchnorm_in_inference_mode(backbone):
+                crop_features = backbone(crops)
+        else:
+            crop_features = backbone(crops)
+        f_rcnn = box_head_features(roi_heads, crop_features, [whole_crop] * len(crops))
 
         return {
             "loss_mimic": self.loss_weight * mimic_loss(f_rcnn, f_frcnn),
@@ -198,7 +247,7 @@ class RCNNFeatureMimicking(nn.Module):
         }
 
     def _zero_losses(self) -> Dict[str, torch.Tensor]:
-        # No positive RoI in the batch. The zeros still depend on the
+        # No RoI to mimic in the batch. The zeros still depend on the
         # classifier, which would otherwise get no gradient this step and stall
         # DistributedDataParallel (it expects one for every parameter).
         empty = self.cls_score.weight.new_zeros((0, self.cls_score.in_features))
