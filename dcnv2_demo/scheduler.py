@@ -118,7 +118,7 @@ def _start(label: str, run: Run, spec: RunSpec, iters: int) -> _ActiveRun:
     # leaks from one model's training into the next one's measurements.
     console_log = run.output_dir / "console.log"
     process = multiprocessing.get_context("spawn").Process(
-        target=train_and_evaluate_logged, args=(spec, console_log), name=label
+        target=train_and_evaluate_logged, args=(spec, console_log, os.getpid()), name=label
     )
     with run_environment(RUN_ENVIRONMENT):
         process.start()

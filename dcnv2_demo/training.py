@@ -71,10 +71,28 @@ def train_and_evaluate(run: RunSpec) -> None:
     trainer.train()
 
 
-def train_and_evaluate_logged(run: RunSpec, console_log: Path) -> None:
+def stop_with_parent(parent_pid: int) -> None:
+    """Makes this process end when the process with `parent_pid` (its parent)
+    does, however that one ends: a demo stopped with Ctrl-C, `kill` or
+    SIGKILL would otherwise leave its runs training on, unseen (Linux; a
+    no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it ended before the call above
+        os._exit(1)
+
+
+def train_and_evaluate_logged(run: RunSpec, console_log: Path, parent_pid: int) -> None:
     """train_and_evaluate with everything the process prints (Python and
     native code alike) going to `console_log`: runs side by side would
-    otherwise interleave their logs on the terminal."""
+    otherwise interleave their logs on the terminal. Ends with the demo
+    process, `parent_pid`."""
+    stop_with_parent(parent_pid)
     console_log.parent.mkdir(parents=True, exist_ok=True)
     with open(console_log, "w") as log:
         os.dup2(log.fileno(), 1)

@@ -3,6 +3,10 @@
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +279,58 @@ def test_quick_ablation_writes_a_table_per_paper_table(tmp_path, monkeypatch):
         section = text.split(f"### {heading}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
         assert [line.split(" | ")[0][2:] for line in section[2:]] == [ALL_MODELS[name].title for name in names]
     assert "Wall time" in text.splitlines()[-1] and returned["wall_seconds"] > 0
+
+
+ORPHAN_CHECK = """
+import multiprocessing, os, pathlib, sys, time
+from dcnv2_demo.training import stop_with_parent
+
+def child(parent_pid, ready):
+    stop_with_parent(parent_pid)
+    pathlib.Path(ready).write_text("ready")
+    time.sleep(300)
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(), sys.argv[1]))
+    process.start()
+    print(process.pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def _running(pid):
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_run_ends_when_the_demo_process_is_killed(tmp_path):
+    script, ready = tmp_path / "demo_like.py", tmp_path / "ready"
+    script.write_text(ORPHAN_CHECK)
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path},
+    )
+    child_pid = None
+    try:
+        child_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert time.monotonic() < deadline and parent.poll() is None, "the child never got ready"
+            time.sleep(0.2)
+        parent.kill()  # SIGKILL: the demo process gets no chance to stop its runs itself
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(child_pid), "the run outlived the killed demo process"
+    finally:
+        parent.kill()
+        if child_pid is not None and _running(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
