@@ -243,3 +243,15 @@ def test_command_line_writes_both_pictures(dcnv2_model, tmp_path):
     for kind in ("sampling", "roi_bins"):
         picture = cv2.imread(str(tmp_path / "pictures" / f"shapes_{kind}.png"))
         assert picture is not None and picture.shape[0] > 100
+
+
+def test_roi_bins_of_heads_without_one_box_pooler_are_refused_by_name():
+    from torch import nn
+
+    from dcnv2_plugin.visualization.capture import roi_pooling_bins
+
+    class Res5LikeHeads(nn.Module):  # detectron2's Res5ROIHeads pools with `pooler`
+        pooler = nn.Identity()
+
+    with pytest.raises(NotImplementedError, match="Res5LikeHeads has none"):
+        roi_pooling_bins(Res5LikeHeads(), {"res4": torch.zeros(1, 1, 4, 4)}, torch.zeros(1, 4), 0.1)

@@ -168,7 +168,12 @@ def roi_pooling_bins(
     Pools the boxes once more, recording the offsets and modulation that a
     deformable pooler predicts for them; a regular pooler's bins stay put.
     """
-    pooler = roi_heads.box_pooler
+    pooler = getattr(roi_heads, "box_pooler", None)
+    if not isinstance(pooler, nn.Module):
+        raise NotImplementedError(
+            f"RoI bins are drawn for ROI heads with one box pooler (roi_heads.box_pooler, as StandardROIHeads and "
+            f"DCNv2ROIHeads have); {type(roi_heads).__name__} has none"
+        )
     predictor: Optional[nn.Module] = getattr(pooler, "offset_predictor", None)
     captured = {}
     handle = None
