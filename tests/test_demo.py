@@ -214,9 +214,15 @@ def assert_png(path: Path):
         assert image.format == "PNG" and min(image.size) > 100
 
 
-def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeypatch, capsys):
-    # The quick splits are generated under the test's own folder.
-    monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
+@pytest.fixture(scope="module")
+def quick_datasets(tmp_path_factory):
+    """One folder for the quick splits of every demo run in this process: the
+    dataset catalog, per process, keeps the folder they were registered from."""
+    return str(tmp_path_factory.mktemp("quick_datasets"))
+
+
+def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeypatch, capsys, quick_datasets):
+    monkeypatch.setenv("DCNV2_DATASETS", quick_datasets)
     output = tmp_path / "demo"
     models = ["regular", "dcnv2"]
     returned = demo_main(["--output", str(output), "--quick", "--models", *models, "--jobs", "2"])
@@ -269,8 +275,8 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_quick_ablation_writes_a_table_per_paper_table(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCNV2_DATASETS", str(tmp_path / "datasets"))
+def test_quick_ablation_writes_a_table_per_paper_table(tmp_path, monkeypatch, quick_datasets):
+    monkeypatch.setenv("DCNV2_DATASETS", quick_datasets)
     output = tmp_path / "ablation"
     returned = demo_main(["--output", str(output), "--quick", "--ablation", "--jobs", "2"])
     assert [model["name"] for model in returned["models"]] == list(ABLATION_ROWS)

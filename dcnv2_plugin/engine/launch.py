@@ -4,7 +4,7 @@ does not offer (it asserts CUDA)."""
 
 import logging
 import os
-import socket
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -35,10 +35,11 @@ def threads_per_process(processes_per_machine: int) -> int:
     return max(1, available_cores() // processes_per_machine)
 
 
-def _free_local_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+def _local_rendezvous_url(folder: str) -> str:
+    """A file-based rendezvous for processes on this machine: a TCP port picked
+    as free can be taken by another program before the first process listens
+    on it (seen as EADDRINUSE), a file in a fresh folder cannot."""
+    return "file://" + os.path.join(folder, "rendezvous")
 
 
 def check_launch(device: str, processes_per_machine: int, num_machines: int, dist_url: str) -> None:
@@ -103,16 +104,16 @@ def launch(
     world_size = processes_per_machine * num_machines
     if world_size == 1:
         return main_func(*args)
-    if dist_url == "auto":
-        dist_url = _free_local_url()
     threads = threads_per_process(processes_per_machine)
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=processes_per_machine,
-        args=(main_func, world_size, processes_per_machine, machine_rank, dist_url, args, timeout, threads),
-        daemon=False,
-        start_method="spawn",
-    )
+    with tempfile.TemporaryDirectory(prefix="dcnv2-launch-") as folder:
+        url = _local_rendezvous_url(folder) if dist_url == "auto" else dist_url
+        mp.start_processes(
+            _cpu_worker,
+            nprocs=processes_per_machine,
+            args=(main_func, world_size, processes_per_machine, machine_rank, url, args, timeout, threads),
+            daemon=False,
+            start_method="spawn",
+        )
 
 
 def _cpu_worker(
