@@ -167,7 +167,7 @@ def bench(args, key):
             path = os.path.join(folder, f"{label}_{part}.onnx")
             start = time.perf_counter()
             if part == "backbone":
-                module, inputs = Backbone(exportable), (exportable._preprocess(image),)
+                module, inputs = Backbone(exportable).eval(), (exportable._preprocess(image),)
                 export_onnx(module, inputs, path, external_data=False)
             else:
                 module, inputs = exportable, (image,)

@@ -29,7 +29,7 @@ from .datasets import DemoDatasets, register_demo_datasets
 from .models import ABLATION_TABLES, ALL_MODELS, DEMO_MODELS, DemoModel, demo_config
 from .report import Run, plot_losses, run_measurements, summarize, write_report
 from .scheduler import default_jobs, log, minutes, run_all
-from .training import RunSpec
+from .training import KEY_FILE, RunSpec
 
 # The quick demo checks that the pipeline runs, not what it measures.
 QUICK_ITERS = 4  # detectron2 times iterations from the third on
@@ -110,12 +110,23 @@ def _iterations(requested: Optional[int], quick: bool, config_file: str) -> int:
     return QUICK_ITERS if quick else load_config(config_file).SOLVER.MAX_ITER
 
 
-def start_key(config_file: str, opts: Sequence[str], datasets: DemoDatasets) -> str:
-    """What decides the shared start's weights: its full config and the files
-    of its datasets (whose paths carry the generator's fingerprint)."""
+def run_key(config_file: str, opts: Sequence[str], datasets: DemoDatasets, threads: int, start: str = "") -> str:
+    """What decides a run's weights: its full config, the files of its
+    datasets (whose paths carry the generator's fingerprint), its torch
+    threads (the CPU backward's summation order depends on them) and, for a
+    compared model, the key of the shared start it begins from."""
     cfg = load_config(config_file, opts)
     files = [MetadataCatalog.get(name).get("json_file") for name in (datasets.train, datasets.val)]
-    return hashlib.sha256((cfg.dump() + "\n".join(files)).encode()).hexdigest()
+    text = "\n".join([cfg.dump(), *files, f"threads {threads}", f"start {start}"])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finished_key(output_dir: Path) -> str:
+    """The key of the finished run in `output_dir` ('' if none): training.py
+    writes it after the run's training and evaluation ended."""
+    key_file = output_dir / KEY_FILE
+    finished = all((output_dir / name).is_file() for name in ("model_final.pth", "metrics.json", KEY_FILE))
+    return key_file.read_text() if finished else ""
 
 
 def _train_start(options: DemoOptions, datasets: DemoDatasets, output: Path) -> Tuple[Run, int]:
@@ -126,23 +137,21 @@ def _train_start(options: DemoOptions, datasets: DemoDatasets, output: Path) -> 
     run = Run(START, 0, output / "runs" / "start")
     opts = ["SEED", "0", "OUTPUT_DIR", str(run.output_dir)] + schedule_opts(config_file, iters)
     opts += quick_opts(datasets) if options.quick else []
-    key = start_key(config_file, opts, datasets)
-    key_file = run.output_dir / "start.key"
-    if (run.output_dir / "model_final.pth").is_file() and key_file.is_file() and key_file.read_text() == key:
+    threads = _threads(options)
+    key = run_key(config_file, opts, datasets, threads)
+    if finished_key(run.output_dir) == key:
         log(
             f"step 1/2: reusing the shared start in {run.output_dir}, trained by an earlier demo with the same "
-            "config and data (delete that folder to train it again)"
+            "config, data and threads (delete that folder to train it again)"
         )
         return run, iters
     shutil.rmtree(run.output_dir, ignore_errors=True)  # another config's, or unfinished
-    threads = _threads(options)
-    spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
+    spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads, key)
     log(
         f"step 1/2: training the shared start, the regular detector, for {iters} iterations "
         f"with {threads} torch thread(s)"
     )
     run_all([(START.title, run, spec)], 1, iters, options.progress_seconds)
-    key_file.write_text(key)
     return run, iters
 
 
@@ -199,8 +208,9 @@ def run_demo(options: DemoOptions) -> Dict:
     start_run, start_iters = _train_start(options, datasets, output)
 
     iters = _iterations(options.iters, options.quick, demo_config("Base-Demo"))
-    runs, queue = [], []
+    runs, queue, reused = [], [], []
     threads = _threads(options)
+    start_key = finished_key(start_run.output_dir)
     for model in (ALL_MODELS[name] for name in options.models):
         for seed in options.seeds:
             config_file = demo_config(model.name)
@@ -209,9 +219,20 @@ def run_demo(options: DemoOptions) -> Dict:
                     "MODEL.WEIGHTS", str(start_run.output_dir / "model_final.pth")]  # fmt: skip
             opts += schedule_opts(config_file, iters)
             opts += quick_opts(datasets) if options.quick else []
-            spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads)
             runs.append(run)
+            key = run_key(config_file, opts, datasets, threads, start_key)
+            if finished_key(run.output_dir) == key:
+                reused.append(run.output_dir.name)
+                continue
+            # Another config's or an unfinished run: detectron2 would append to its metrics.json.
+            shutil.rmtree(run.output_dir, ignore_errors=True)
+            spec = RunSpec(config_file, run.output_dir, tuple(opts), options.quick, threads, key)
             queue.append((f"{model.title}, seed {seed}", run, spec))
+    if reused:
+        log(
+            f"step 2/2: reusing {len(reused)} finished run(s) of an earlier demo with the same config, data, "
+            f"threads and shared start: {', '.join(reused)} (delete a run's folder to train it again)"
+        )
     # The longest runs first: side by side, the last ones then end together.
     queue.sort(key=lambda item: -item[1].model.relative_cost)
     log(

@@ -17,6 +17,10 @@ from dcnv2_plugin.engine import Trainer, parse_args, setup
 
 from .datasets import register_demo_datasets
 
+# In a run's folder, the key of its config and inputs, written last: a folder
+# with it holds a finished run that a later demo can reuse.
+KEY_FILE = "run.key"
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -25,6 +29,7 @@ class RunSpec:
     opts: Tuple[str, ...]  # KEY VALUE config overrides, after the config file
     quick: bool  # which datasets the opts name (see datasets.py)
     threads: int = 1  # torch threads of this run
+    key: str = ""  # written to KEY_FILE once the run has trained and evaluated (pipeline.run_key)
 
 
 class InferenceTimer(nn.Module):
@@ -69,6 +74,8 @@ def train_and_evaluate(run: RunSpec) -> None:
     trainer = TimedTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
+    if run.key:
+        (Path(run.output_dir) / KEY_FILE).write_text(run.key)
 
 
 def stop_with_parent(parent_pid: int) -> None:

@@ -266,12 +266,29 @@ def test_quick_demo_writes_the_table_the_json_and_the_pictures(tmp_path, monkeyp
         (picture,) = (output / "pictures").glob(f"*_support_{kind}.png")
         assert_png(picture)
 
-    # A second demo in the same folder reuses the shared start.
-    start_mtime = Path(start_weights).stat().st_mtime_ns
+    # A second demo in the same folder reuses the shared start and the
+    # finished runs with the same config, and trains what differs.
+    regular_weights = output / "runs" / "regular_seed0" / "model_final.pth"
+    mtimes = {path: path.stat().st_mtime_ns for path in (Path(start_weights), regular_weights)}
     capsys.readouterr()
-    demo_main(["--output", str(output), "--quick", "--models", "regular"])
-    assert "reusing the shared start" in capsys.readouterr().out
-    assert Path(start_weights).stat().st_mtime_ns == start_mtime
+    again = demo_main(["--output", str(output), "--quick", "--models", "regular", "--seed", "0", "1"])
+    out = capsys.readouterr().out
+    assert "reusing the shared start" in out
+    assert "reusing 1 finished run(s)" in out and "regular_seed0" in out
+    assert "training 1 runs" in out
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+    (regular_again,) = again["models"]
+    assert [run["seed"] for run in regular_again["runs"]] == [0, 1]
+    assert regular_again["runs"][0] == regular["runs"][0]
+    # Other torch threads train the run again (its weights would differ), in
+    # a fresh folder: detectron2 appends to an existing metrics.json.
+    demo_main(["--output", str(output), "--quick", "--models", "regular", "--threads", "2"])
+    assert "training 1 runs" in capsys.readouterr().out
+    assert regular_weights.stat().st_mtime_ns != mtimes[regular_weights]
+    metrics = [json.loads(line) for line in (regular_weights.parent / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics if "total_loss" in m] == sorted(
+        {m["iteration"] for m in metrics if "total_loss" in m}
+    )
 
 
 @pytest.mark.slow
