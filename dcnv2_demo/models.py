@@ -10,9 +10,9 @@ from dcnv2_plugin.model_zoo import get_config_file
 class DemoModel:
     name: str  # the config's file stem and the run folder's name
     title: str  # the row's label in the table and the plot
-    # Training time per iteration relative to the regular model (measured on
-    # the demo's idle 2-core CPU by `make demo`; the ablation's own rows by
-    # their modules' nearest demo model): the demo starts the longest runs first, so that runs
+    # Training time per iteration relative to the regular model (the demo's
+    # rows measured by `make demo` on an idle 2-core CPU; the ablation-only
+    # rows estimated): the demo starts the longest runs first, so that runs
     # side by side finish close together.
     relative_cost: float = 1.0
 
