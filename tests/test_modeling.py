@@ -6,6 +6,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer as detectron2_build_optimizer
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
 from helpers import CONFIG_DIR, DEVICES, parameters_without_gradient, perturb_zero_initialized_weights
@@ -13,6 +14,7 @@ from helpers import CONFIG_DIR, DEVICES, parameters_without_gradient, perturb_ze
 import dcnv2_plugin  # noqa: F401  (registers the components)
 from dcnv2_plugin.config import load_config
 from dcnv2_plugin.modeling import build_optimizer
+from dcnv2_plugin.modeling.optimizer import clip_each_grad_norm_
 from dcnv2_plugin.ops import GeometryPredictor
 
 # This project's COCO detector configs (the mimicking and demo configs are
@@ -303,6 +305,56 @@ def test_optimizer_scales_the_learning_rate_of_geometry_predictors_only():
     assert sum(any(prefix in n for prefix in geometry_prefixes) for n in trainable) == sum(
         len(list(m.parameters())) for m in model.modules() if isinstance(m, GeometryPredictor)
     )
+
+
+def _parameters_with_gradients(scales, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (7,), (16, 8, 3, 3), (1,), (5, 5), (2, 2)]
+    params = []
+    for shape, scale in zip(shapes, scales):
+        param = torch.nn.Parameter(torch.randn(shape, generator=generator))
+        param.grad = torch.randn(shape, generator=generator) * scale
+        params.append(param)
+    params[-1].grad = None  # a parameter without a gradient is skipped
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_per_parameter_norm_clipping_equals_detectron2s_to_the_bit(norm_type):
+    scales = [1e-3, 0.1, 10.0, 1.0, 1e3, 1.0]
+    clipped = _parameters_with_gradients(scales)
+    expected = _parameters_with_gradients(scales)
+    clip_each_grad_norm_(clipped, 0.5, norm_type)
+    for param in expected:  # what detectron2's CLIP_TYPE "norm" does, one parameter at a time
+        torch.nn.utils.clip_grad_norm_(param, 0.5, norm_type)
+    for actual, wanted in zip(clipped, expected):
+        if wanted.grad is None:
+            assert actual.grad is None
+        else:
+            assert torch.equal(actual.grad, wanted.grad)
+    assert torch.linalg.vector_norm(clipped[4].grad, norm_type) == pytest.approx(0.5, rel=1e-5)  # was clipped
+    assert torch.equal(clipped[0].grad, _parameters_with_gradients(scales)[0].grad)  # small: left alone
+
+
+@pytest.mark.parametrize("clip_type", ["norm", "value"])
+def test_optimizer_steps_as_detectron2s_with_gradient_clipping(clip_type):
+    overrides = ["SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type]
+    overrides += ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.05, "MODEL.DCNV2.OFFSET_LR_FACTOR", 1.0]
+    cfg = load_config(MDCONV_MASK_CONFIG, overrides)
+    models = []
+    for build in (build_optimizer, detectron2_build_optimizer):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        optimizer = build(cfg, model)
+        for step in range(3):
+            inputs = torch.randn(32, 8, generator=torch.Generator().manual_seed(step)) * 10
+            optimizer.zero_grad()
+            model(inputs).square().sum().backward()
+            optimizer.step()
+        models.append(model)
+    assert type(optimizer).__name__ == "SGDWithGradientClip"
+    for ours, theirs in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(ours, theirs)
 
 
 def test_spatial_transformer_trains_with_the_detector():
