@@ -14,7 +14,13 @@
 // between chunks. So memory does not grow with the RoIs' size. The forward
 // and the offset / mask gradients accumulate a split bin's sums across
 // chunks in the output and gradient tensors, and scale them at the end;
-// a bin within one chunk sums exactly as if unchunked.
+// a bin within one chunk sums exactly as if unchunked. Every channel streams
+// through the whole table, so the forward keeps only what it reads (indices
+// and weights, not the derivatives): half the bytes (one thread, 500 RoIs
+// on a 256x200x304 map, adaptive sampling: 372 -> 222 ms; on smaller maps
+// or with 2x2 samples, unchanged within noise; same results to the bit).
+// Looping over a few RoIs' taps for all channels at a time was slower: each
+// channel's plane then leaves the cache before the next RoIs need it.
 //
 // Parallel loops write disjoint outputs (channels in forward and for the
 // input gradient, bins for the offset and mask gradients), so results do not
@@ -100,22 +106,53 @@ std::vector<RoiLayout<T>> roi_layouts(const PoolGeometry& g, const T* rois) {
   return layouts;
 }
 
-// Taps of every piece of `chunk`, split between threads by pieces.
-template <typename T>
-void fill_taps(const PoolGeometry& g, const T* offset, const std::vector<RoiLayout<T>>& layouts, RoiChunk<T>& chunk) {
-  chunk.taps.resize(chunk.size());
+// Calls store(position in the chunk's table, taps) for every sample of
+// `chunk`, split between threads by pieces.
+template <typename T, typename Store>
+void for_each_tap(
+    const PoolGeometry& g, const T* offset, const std::vector<RoiLayout<T>>& layouts, const RoiChunk<T>& chunk,
+    const Store& store) {
   at::parallel_for(0, static_cast<int64_t>(chunk.pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    Taps<T> taps;
     for (int64_t i = begin; i < end; ++i) {
       const Piece& piece = chunk.pieces[i];
       const RoiLayout<T>& r = layouts[piece.k];
       const int64_t ph = piece.bin / g.pooled_w, pw = piece.bin % g.pooled_w;
       T dy, dx;
       bin_shift(g, offset, r, piece.k, piece.bin, dy, dx);
-      Taps<T>* t = chunk.taps.data() + piece.first_tap;
       for (int64_t s = piece.s0; s < piece.s1; ++s) {
         const int64_t iy = s / r.grid_w, ix = s % r.grid_w;
-        roi_align_taps(r.sample_y(ph, iy, dy), r.sample_x(pw, ix, dx), g.height, g.width, *t++);
+        roi_align_taps(r.sample_y(ph, iy, dy), r.sample_x(pw, ix, dx), g.height, g.width, taps);
+        store(piece.first_tap + s - piece.s0, taps);
       }
+    }
+  });
+}
+
+// Taps of every piece of `chunk`, with their derivatives (the backward's).
+template <typename T>
+void fill_taps(const PoolGeometry& g, const T* offset, const std::vector<RoiLayout<T>>& layouts, RoiChunk<T>& chunk) {
+  chunk.taps.resize(chunk.size());
+  for_each_tap(g, offset, layouts, chunk, [&](int64_t i, const Taps<T>& taps) { chunk.taps[i] = taps; });
+}
+
+// What the forward reads of a sample's taps: half the bytes of Taps, so the
+// table that every channel streams through is half as large.
+template <typename T>
+struct GatherTaps {
+  int32_t index[4];
+  T weight[4];
+};
+
+template <typename T>
+void fill_gather_taps(
+    const PoolGeometry& g, const T* offset, const std::vector<RoiLayout<T>>& layouts, const RoiChunk<T>& chunk,
+    std::vector<GatherTaps<T>>& table) {
+  table.resize(chunk.size());
+  for_each_tap(g, offset, layouts, chunk, [&](int64_t i, const Taps<T>& taps) {
+    for (int j = 0; j < 4; ++j) {
+      table[i].index[j] = taps.index[j];
+      table[i].weight[j] = taps.weight[j];
     }
   });
 }
@@ -144,15 +181,16 @@ at::Tensor deform_roi_pool_forward_kernel(
     const auto layouts = roi_layouts(g, rois.data_ptr<scalar_t>());
     ChunkPlanner<scalar_t> planner(g, layouts);
     RoiChunk<scalar_t> chunk;
+    std::vector<GatherTaps<scalar_t>> table;
     // The sums of the samples first (a split bin's continue where the last
     // chunk left them)...
     while (planner.next(chunk)) {
-      fill_taps(g, offset_ptr, layouts, chunk);
+      fill_gather_taps(g, offset_ptr, layouts, chunk, table);
       at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           for (const Piece& piece : chunk.pieces) {
             const scalar_t* xc = x + (layouts[piece.k].batch_index * g.channels + c) * plane;
-            const Taps<scalar_t>* t = chunk.taps.data() + piece.first_tap;
+            const GatherTaps<scalar_t>* t = table.data() + piece.first_tap;
             scalar_t* bin_out = out + (piece.k * g.channels + c) * bins + piece.bin;
             scalar_t sum = *bin_out;
             for (int64_t s = piece.s0; s < piece.s1; ++s, ++t) {
