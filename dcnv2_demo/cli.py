@@ -7,7 +7,7 @@ from .models import ABLATION_ROWS, ALL_MODELS, DEMO_MODELS
 from .pipeline import DemoOptions, run_demo
 from .scheduler import default_jobs
 
-DESCRIPTION = """Train, evaluate and compare the DCNv2 ablation's models on a CPU (about 40 minutes on 2 idle cores).
+DESCRIPTION = """Train, evaluate and compare the DCNv2 ablation's models on a CPU (about 16 minutes on 2 idle cores).
 
 Trains small Mask R-CNNs (configs/demo/) on the embedded shapes dataset with
 train_net.py, as the paper does on COCO: first the regular detector (the

@@ -34,9 +34,9 @@ def minutes(seconds: float) -> str:
 
 # Training seconds per iteration of the regular model, one torch thread, two
 # runs side by side on an idle 2-core machine (AMD EPYC), as measured by the
-# demo's own table (`make demo`, December 2026 build): the yardstick of the
+# demo's own three-seed table (December 2026 build): the yardstick of the
 # progress lines' slowness warning, scaled by each model's relative cost.
-REFERENCE_SECONDS_PER_ITER = 0.38
+REFERENCE_SECONDS_PER_ITER = 0.31
 # A run this many times slower than the yardstick gets a warning.
 SLOW_FACTOR = 3.0
 # The environment of every run: OpenMP threads sleep while they wait.

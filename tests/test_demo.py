@@ -121,7 +121,7 @@ def test_ablation_option_trains_the_rows_of_both_tables_once():
 
 def test_iters_override_keeps_the_schedule_in_proportion():
     base = load_config(CONFIG_DIR / "Base-Demo.yaml").SOLVER
-    assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (1000, (800,), 100)
+    assert (base.MAX_ITER, tuple(base.STEPS), base.WARMUP_ITERS) == (500, (400,), 50)
     assert schedule_opts("demo/dcnv2.yaml", 20) == [
         "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(16,)", "SOLVER.WARMUP_ITERS", "2",
     ]  # fmt: skip
