@@ -346,13 +346,13 @@ def test_optimizer_steps_as_detectron2s_with_gradient_clipping(clip_type):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         optimizer = build(cfg, model)
+        assert type(optimizer).__name__ == "SGDWithGradientClip"
         for step in range(3):
             inputs = torch.randn(32, 8, generator=torch.Generator().manual_seed(step)) * 10
             optimizer.zero_grad()
             model(inputs).square().sum().backward()
             optimizer.step()
         models.append(model)
-    assert type(optimizer).__name__ == "SGDWithGradientClip"
     for ours, theirs in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(ours, theirs)
 

@@ -6,7 +6,7 @@ Gradient clipping by norm (SOLVER.CLIP_GRADIENTS, CLIP_TYPE "norm") clips
 each parameter's gradient on its own, as detectron2 does, but in a few
 batched operations: detectron2 calls `clip_grad_norm_` once per parameter,
 whose Python overhead was 12% of a training step of the CPU demo (about
-300 parameters). The results are the same to the bit (tested).
+200 parameters). The results are the same to the bit (tested).
 """
 
 from typing import Any, Dict, Iterable, List, Set, Type
