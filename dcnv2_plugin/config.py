@@ -79,6 +79,10 @@ def add_dcnv2_config(cfg: CN) -> None:
     _C.MODEL.DCNV2.MIMIC.CROP_SIZE = 224
     # Weight of the feature mimic (cosine similarity) loss (0.1 in the paper).
     _C.MODEL.DCNV2.MIMIC.LOSS_WEIGHT = 0.1
+    # How the mimic loss combines its RoIs' 1 - cos terms: "mean" (the loss
+    # weight then means the same whatever the number of RoIs) or "sum" (the
+    # paper's L_mimic, which grows with the RoIs mimicked per batch).
+    _C.MODEL.DCNV2.MIMIC.LOSS_REDUCTION = "mean"
     # Weight of the R-CNN branch's own classification loss.
     _C.MODEL.DCNV2.MIMIC.CLS_LOSS_WEIGHT = 0.1
 

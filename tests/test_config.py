@@ -45,6 +45,7 @@ def test_add_dcnv2_config_adds_only_the_dcnv2_subtree():
         "CLS_LOSS_WEIGHT": 0.1,
         "REGIONS": "foreground",
         "CROP_BN": "train",
+        "LOSS_REDUCTION": "mean",
     }
 
 

@@ -126,6 +126,14 @@ def test_mimic_loss_is_mean_of_one_minus_cosine():
     assert mimic_loss(f_rcnn, f_frcnn).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_mimic_loss_sums_with_reduction_sum():
+    f_rcnn = torch.tensor([[3.0, 4.0], [1.0, 0.0], [2.0, 2.0]])
+    f_frcnn = torch.tensor([[4.0, 3.0], [0.0, 5.0], [1.0, 1.0]])
+    assert mimic_loss(f_rcnn, f_frcnn, "sum").item() == pytest.approx((1 - 24 / 25) + (1 - 0) + (1 - 1), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum'; got 'none'"):
+        mimic_loss(f_rcnn, f_frcnn, "none")
+
+
 # ---------------------------------------------------------- RoIs and crops
 def test_sample_positive_rois_keeps_foreground_and_caps_each_image():
     background, ignored = NUM_CLASSES, -1
@@ -178,8 +186,15 @@ def test_foreground_sampling_draws_the_rois_it_drew_before_regions_existed():
         assert torch.equal(new.gt_classes, old.gt_classes)
 
 
-@pytest.mark.parametrize("key, value", [("MODEL.DCNV2.MIMIC.REGIONS", "fg"), ("MODEL.DCNV2.MIMIC.CROP_BN", "eval")])
-def test_unknown_region_or_crop_bn_setting_is_refused_naming_the_key(key, value):
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("MODEL.DCNV2.MIMIC.REGIONS", "fg"),
+        ("MODEL.DCNV2.MIMIC.CROP_BN", "eval"),
+        ("MODEL.DCNV2.MIMIC.LOSS_REDUCTION", "avg"),
+    ],
+)
+def test_unknown_mimic_setting_is_refused_naming_the_key(key, value):
     cfg = load_config(MIMIC_CONFIGS[1], TINY_MODEL + [key, value])
     with pytest.raises(ValueError, match=f"{key} must be one of .*got '{value}'"):
         check_config(cfg)
@@ -422,12 +437,12 @@ def cosine(a, b):
     return (a * b).sum() / (a.norm() * b.norm())
 
 
-def mimic_losses_by_hand(model, images, features, positives):
+def mimic_losses_by_hand(model, images, features, positives, reduction="mean"):
     """Sec. 3.3 of the paper, one positive RoI at a time, from the model's own
     parts: f_FRCNN(b) pools b on its image's feature maps; f_RCNN(b) crops b
     from its image (RoIAlign, aligned), resizes the crop to CROP_SIZE, runs
     the backbone on it and pools the whole crop; both go through the box
-    head. loss_mimic = LOSS_WEIGHT * mean(1 - cos), loss_mimic_cls =
+    head. loss_mimic = LOSS_WEIGHT * mean (or sum) of 1 - cos, loss_mimic_cls =
     CLS_LOSS_WEIGHT * mean cross-entropy of the R-CNN classifier on f_RCNN(b).
 
     positives: per image, a list of (box, class)."""
@@ -448,7 +463,7 @@ def mimic_losses_by_hand(model, images, features, positives):
             logits = mimic.cls_score(f_rcnn)
             cross_entropies.append(torch.logsumexp(logits, 0) - logits[gt_class])
     return {
-        "loss_mimic": LOSS_WEIGHT * torch.stack(one_minus_cosines).mean(),
+        "loss_mimic": LOSS_WEIGHT * getattr(torch.stack(one_minus_cosines), reduction)(),
         "loss_mimic_cls": CLS_LOSS_WEIGHT * torch.stack(cross_entropies).mean(),
     }
 
@@ -458,8 +473,9 @@ def distinct_images(count, size=(IMAGE_HEIGHT, IMAGE_WIDTH)):
     return [{"image": torch.rand(3, *size, generator=generator) * 255} for _ in range(count)]
 
 
-def test_mimic_losses_equal_the_paper_computed_by_hand():
-    model = tiny_model(MIMIC_CONFIGS[0], WEIGHTED)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mimic_losses_equal_the_paper_computed_by_hand(reduction):
+    model = tiny_model(MIMIC_CONFIGS[0], WEIGHTED + ["MODEL.DCNV2.MIMIC.LOSS_REDUCTION", reduction])
     # Offsets away from zero in the deformable convs and pooling.
     perturb_zero_initialized_weights(model, ("conv2_offset.weight", "offset_predictor.predictor.weight"))
     background, ignored = NUM_CLASSES, -1
@@ -475,7 +491,7 @@ def test_mimic_losses_equal_the_paper_computed_by_hand():
         with EventStorage():
             losses = model.mimic(images, features, rois, backbone=model.backbone, roi_heads=model.roi_heads)
         positives = [[(boxes[0][0], 0), (boxes[0][2], 2)], [(boxes[1][0], 1)]]  # all of them: NUM_POS_ROIS is 2
-        expected = mimic_losses_by_hand(model, images, features, positives)
+        expected = mimic_losses_by_hand(model, images, features, positives, reduction)
     for name in ("loss_mimic", "loss_mimic_cls"):
         torch.testing.assert_close(losses[name], expected[name], rtol=1e-5, atol=0, msg=name)
 

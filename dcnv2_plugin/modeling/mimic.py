@@ -36,17 +36,25 @@ from .mimic_sampling import MIMIC_REGIONS, crop_and_resize, sample_mimic_rois
 
 # MODEL.DCNV2.MIMIC.CROP_BN: how the backbone's BatchNorm layers normalize the crops.
 CROP_BN_MODES = ("train", "frozen")
+# MODEL.DCNV2.MIMIC.LOSS_REDUCTION: how the mimic loss combines the RoIs' terms.
+LOSS_REDUCTIONS = ("mean", "sum")
 
 __all__ = ["MimicRCNN", "RCNNFeatureMimicking", "mimic_loss", "check_mimicked_roi_heads"]
 
 
-def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor) -> torch.Tensor:
-    """Mean over RoIs of 1 - cos(f_RCNN(b), f_FRCNN(b)).
+def mimic_loss(f_rcnn: torch.Tensor, f_frcnn: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """1 - cos(f_RCNN(b), f_FRCNN(b)), averaged ("mean") or summed ("sum")
+    over the RoIs b.
 
-    The paper's L_mimic sums over the RoIs; the mean keeps the loss weight's
-    meaning independent of how many RoIs a batch has.
+    The paper's L_mimic is the sum; the mean (the default) keeps the loss
+    weight's meaning independent of how many RoIs a batch has.
     """
-    return (1.0 - F.cosine_similarity(f_rcnn, f_frcnn, dim=1)).mean()
+    terms = 1.0 - F.cosine_similarity(f_rcnn, f_frcnn, dim=1)
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "mean":
+        return terms.mean()
+    raise ValueError(f"reduction must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}; got {reduction!r}")
 
 
 @contextmanager
@@ -75,6 +83,11 @@ def check_mimic_settings(mimic_cfg) -> None:
     if mimic_cfg.CROP_BN not in CROP_BN_MODES:
         raise ValueError(
             f"MODEL.DCNV2.MIMIC.CROP_BN must be one of {', '.join(map(repr, CROP_BN_MODES))}; got {mimic_cfg.CROP_BN!r}"
+        )
+    if mimic_cfg.LOSS_REDUCTION not in LOSS_REDUCTIONS:
+        raise ValueError(
+            f"MODEL.DCNV2.MIMIC.LOSS_REDUCTION must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}; "
+            f"got {mimic_cfg.LOSS_REDUCTION!r}"
         )
 
 
@@ -143,6 +156,7 @@ class RCNNFeatureMimicking(nn.Module):
         cls_loss_weight: float,
         regions: str = "foreground",
         crop_bn: str = "train",
+        loss_reduction: str = "mean",
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -152,6 +166,7 @@ class RCNNFeatureMimicking(nn.Module):
         self.cls_loss_weight = cls_loss_weight
         self.regions = regions
         self.crop_bn = crop_bn
+        self.loss_reduction = loss_reduction
         self.cls_score = nn.Linear(feature_dim, num_classes + 1)
         # As detectron2 initializes the Fast R-CNN classifier.
         nn.init.normal_(self.cls_score.weight, std=0.01)
@@ -188,6 +203,7 @@ class RCNNFeatureMimicking(nn.Module):
             "cls_loss_weight": mimic.CLS_LOSS_WEIGHT,
             "regions": mimic.REGIONS,
             "crop_bn": mimic.CROP_BN,
+            "loss_reduction": mimic.LOSS_REDUCTION,
         }
 
     def forward(
@@ -242,7 +258,7 @@ class RCNNFeatureMimicking(nn.Module):
         f_rcnn = box_head_features(roi_heads, crop_features, [whole_crop] * len(crops))
 
         return {
-            "loss_mimic": self.loss_weight * mimic_loss(f_rcnn, f_frcnn),
+            "loss_mimic": self.loss_weight * mimic_loss(f_rcnn, f_frcnn, self.loss_reduction),
             "loss_mimic_cls": self.cls_loss_weight * F.cross_entropy(self.cls_score(f_rcnn), gt_classes),
         }
 
