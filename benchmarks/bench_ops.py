@@ -7,7 +7,9 @@ thread count; every ratio is ours / peer (below 1 = ours faster). Sections:
           detection batch: ours vs torchvision.ops.deform_conv2d vs dense
           conv2d, forward and forward+backward; ONNX Runtime's DeformConv
           (forward only) when `onnxruntime` and `onnx` are installed
-          (`pip install -r benchmarks/requirements.txt`).
+          (`pip install -r benchmarks/requirements.txt`), and the same conv
+          composed of standard ONNX Runtime kernels (GridSample + a 1x1
+          Conv), the alternative to exporting it as DeformConv.
   pool    modulated deformable RoI pooling vs torchvision.ops.roi_align
           (aligned=True), forward and forward+backward, 512 RoIs per image.
   memory  peak extra memory of our deformable conv (forward+backward)
@@ -89,40 +91,87 @@ def conv_inputs(batch, channels, height, width, device, dtype, requires_grad=Tru
     return x, weight, offset, mask
 
 
-def _ort_deform_conv(x, weight, offset, mask, threads):
-    """ONNX Runtime's DeformConv (opset 19) session, or None if not installed."""
-    try:
-        import numpy as np
-        import onnx  # noqa: F401  (its helper builds the model below)
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    node = helper.make_node(
-        "DeformConv",
-        ["X", "W", "offset", "B", "mask"],
-        ["Y"],
-        kernel_shape=[3, 3],
-        pads=[1, 1, 1, 1],
-        strides=[1, 1],
-        dilations=[1, 1],
-        group=1,
-        offset_group=1,
-    )
-    names = ["X", "W", "offset", "B", "mask"]
-    arrays = [t.detach().float().cpu().numpy() for t in (x, weight, offset)]
-    arrays += [np.zeros(weight.shape[0], np.float32), mask.detach().float().cpu().numpy()]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n, a in zip(names, arrays)]
-    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
-    model = helper.make_model(
-        helper.make_graph([node], "deform_conv", inputs, [output]), opset_imports=[helper.make_opsetid("", 19)]
-    )
+def _ort_session(model, threads):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_deform_conv(x, weight, offset, mask, threads):
+    """ONNX Runtime sessions for the 3x3, stride 1, padding 1 deformable conv
+    of the inputs: its DeformConv operator (opset 19), and the same conv
+    composed of GridSample (the 9 taps' bilinear samples) and a 1x1 Conv, the
+    other way to export it. {name: run}, empty if ONNX Runtime is not
+    installed."""
+    try:
+        import numpy as np
+        import onnx  # noqa: F401  (its helper builds the models below)
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return {}
+    n, c, h, w = x.shape
+    names = ["X", "W", "offset", "B", "mask"]
+    arrays = [t.detach().float().cpu().numpy() for t in (x, weight, offset)]
+    arrays += [np.zeros(weight.shape[0], np.float32), mask.detach().float().cpu().numpy()]
+    inputs = [helper.make_tensor_value_info(n_, TensorProto.FLOAT, a.shape) for n_, a in zip(names, arrays)]
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     feed = dict(zip(names, arrays))
-    return lambda: session.run(None, feed)
+    deform_conv = helper.make_node(
+        "DeformConv", names, ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], group=1, offset_group=1
+    )
+    native = helper.make_model(
+        helper.make_graph([deform_conv], "deform_conv", inputs, [output]), opset_imports=[helper.make_opsetid("", 19)]
+    )
+
+    # GridSample with align_corners=0 maps pixel p to (2p + 1) / size - 1.
+    taps = np.arange(9)
+    consts = {
+        "tap_y": (np.arange(h)[None, None, :, None] - 1 + taps[None, :, None, None] // 3).astype(np.float32),
+        "tap_x": (np.arange(w)[None, None, None, :] - 1 + taps[None, :, None, None] % 3).astype(np.float32),
+        "scale_y": np.array(2.0 / h, np.float32), "shift_y": np.array(1.0 / h - 1, np.float32),
+        "scale_x": np.array(2.0 / w, np.float32), "shift_x": np.array(1.0 / w - 1, np.float32),
+        "pairs": np.array([n, 9, 2, h, w], np.int64), "per_tap": np.array([n, 9, h, w, 1], np.int64),
+        "grid_shape": np.array([n, 9 * h, w, 2], np.int64), "mask_shape": np.array([n, 1, 9 * h, w], np.int64),
+        "columns": np.array([n, c * 9, h, w], np.int64),
+        "W_1x1": arrays[1].reshape(weight.shape[0], c * 9, 1, 1),
+    }  # fmt: skip
+    node = helper.make_node
+    nodes = [
+        node("Reshape", ["offset", "pairs"], ["dydx"]),
+        node("Split", ["dydx"], ["dy", "dx"], axis=2, num_outputs=2),
+        node("Reshape", ["dy", "per_tap"], ["dy_"]),
+        node("Reshape", ["dx", "per_tap"], ["dx_"]),
+        node("Add", ["dy_", "tap_y_"], ["y"]),
+        node("Add", ["dx_", "tap_x_"], ["x"]),
+        node("Mul", ["y", "scale_y"], ["y_scaled"]),
+        node("Add", ["y_scaled", "shift_y"], ["grid_y"]),
+        node("Mul", ["x", "scale_x"], ["x_scaled"]),
+        node("Add", ["x_scaled", "shift_x"], ["grid_x"]),
+        node("Concat", ["grid_x", "grid_y"], ["grid_5d"], axis=4),
+        node("Reshape", ["grid_5d", "grid_shape"], ["grid"]),
+        node("GridSample", ["X", "grid"], ["samples"], mode="linear", padding_mode="zeros", align_corners=0),
+        node("Reshape", ["mask", "mask_shape"], ["mask_"]),
+        node("Mul", ["samples", "mask_"], ["modulated"]),
+        node("Reshape", ["modulated", "columns"], ["cols"]),
+        node("Conv", ["cols", "W_1x1", "B"], ["Y"]),
+    ]
+    consts["tap_y_"] = consts.pop("tap_y")[..., None]
+    consts["tap_x_"] = consts.pop("tap_x")[..., None]
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    composed = helper.make_model(
+        helper.make_graph(nodes, "deform_conv_composed", [inputs[i] for i in (0, 2, 3, 4)], [output], inits),
+        opset_imports=[helper.make_opsetid("", 20)],
+    )
+    composed_feed = {k: v for k, v in feed.items() if k != "W"}
+    sessions = {"onnxruntime": (_ort_session(native, threads), feed)}
+    sessions["ort_composed"] = (_ort_session(composed, threads), composed_feed)
+    first, second = (s.run(None, f)[0] for s, f in sessions.values())
+    if not np.allclose(first, second, rtol=1e-3, atol=1e-3):
+        raise RuntimeError(f"the composed deformable conv differs from DeformConv by {np.abs(first - second).max()}")
+    return {name: (lambda s=s, f=f: s.run(None, f)) for name, (s, f) in sessions.items()}
 
 
 def bench_conv(args):
@@ -164,11 +213,12 @@ def bench_conv(args):
         # its own, and compared with our forward timed the same way (both with
         # their data warm in cache). The loops alternate, a few rounds each,
         # so that a slow phase of the machine does not fall on one of them.
-        ort = _ort_deform_conv(x, weight, offset, mask, torch.get_num_threads()) if args.device == "cpu" else None
-        if ort is not None:
-            alone = {"ours_alone": float("inf"), "onnxruntime": float("inf")}
+        ort = _ort_deform_conv(x, weight, offset, mask, torch.get_num_threads()) if args.device == "cpu" else {}
+        if ort:
+            loops = {"ours_alone": ours, **ort}
+            alone = dict.fromkeys(loops, float("inf"))
             for _ in range(ALONE_ROUNDS):
-                for key, fn in (("ours_alone", ours), ("onnxruntime", ort)):
+                for key, fn in loops.items():
                     alone[key] = min(alone[key], best_time(fn, "cpu", args.repeat))
             timed.update({key: (seconds, None) for key, seconds in alone.items()})
         rows.append((f"{name} {tuple(x.shape)}", timed))
@@ -361,18 +411,20 @@ def main():
     if "conv" in sections:
         print("\n## modulated deformable conv 3x3 (fwd | fwd+bwd); ratio = ours / peer")
         print(
-            "| shape | ours | torchvision | conv2d | ours/tv | ours/conv2d | fwd alone: ours | onnxruntime | ours/ort |"
+            "| shape | ours | torchvision | conv2d | ours/tv | ours/conv2d | fwd alone: ours | onnxruntime | ours/ort "
+            "| ort: GridSample + 1x1 Conv |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         results["conv"] = {}
         for label, t in bench_conv(args):
             ours, tv, dense = t["ours"], t["torchvision"], t["conv2d"]
             ours_alone, ort = t.get("ours_alone", (None,))[0], t.get("onnxruntime", (None,))[0]
+            composed = t.get("ort_composed", (None,))[0]
             print(
                 f"| {label} | {_fmt(ours[0])} / {_fmt(ours[1])} | {_fmt(tv[0])} / {_fmt(tv[1])} | "
                 f"{_fmt(dense[0])} / {_fmt(dense[1])} | {_ratio(ours[0], tv[0])} / {_ratio(ours[1], tv[1])} | "
                 f"{_ratio(ours[0], dense[0])} / {_ratio(ours[1], dense[1])} | {_fmt(ours_alone)} | {_fmt(ort)} | "
-                f"{_ratio(ours_alone, ort)} |"
+                f"{_ratio(ours_alone, ort)} | {_fmt(composed)} |"
             )
             results["conv"][label] = t
     if "pool" in sections:
