@@ -127,10 +127,11 @@ def _ort_deform_conv(x, weight, offset, mask, threads):
     )
 
     # GridSample with align_corners=0 maps pixel p to (2p + 1) / size - 1.
-    taps = np.arange(9)
+    taps = np.arange(9)[None, :, None, None, None]
     consts = {
-        "tap_y": (np.arange(h)[None, None, :, None] - 1 + taps[None, :, None, None] // 3).astype(np.float32),
-        "tap_x": (np.arange(w)[None, None, None, :] - 1 + taps[None, :, None, None] % 3).astype(np.float32),
+        # Each tap's sampling row / column before its offset: [1, 9, h or 1, 1 or w, 1].
+        "tap_y": (np.arange(h)[None, None, :, None, None] - 1 + taps // 3).astype(np.float32),
+        "tap_x": (np.arange(w)[None, None, None, :, None] - 1 + taps % 3).astype(np.float32),
         "scale_y": np.array(2.0 / h, np.float32), "shift_y": np.array(1.0 / h - 1, np.float32),
         "scale_x": np.array(2.0 / w, np.float32), "shift_x": np.array(1.0 / w - 1, np.float32),
         "pairs": np.array([n, 9, 2, h, w], np.int64), "per_tap": np.array([n, 9, h, w, 1], np.int64),
@@ -144,8 +145,8 @@ def _ort_deform_conv(x, weight, offset, mask, threads):
         node("Split", ["dydx"], ["dy", "dx"], axis=2, num_outputs=2),
         node("Reshape", ["dy", "per_tap"], ["dy_"]),
         node("Reshape", ["dx", "per_tap"], ["dx_"]),
-        node("Add", ["dy_", "tap_y_"], ["y"]),
-        node("Add", ["dx_", "tap_x_"], ["x"]),
+        node("Add", ["dy_", "tap_y"], ["y"]),
+        node("Add", ["dx_", "tap_x"], ["x"]),
         node("Mul", ["y", "scale_y"], ["y_scaled"]),
         node("Add", ["y_scaled", "shift_y"], ["grid_y"]),
         node("Mul", ["x", "scale_x"], ["x_scaled"]),
@@ -158,8 +159,6 @@ def _ort_deform_conv(x, weight, offset, mask, threads):
         node("Reshape", ["modulated", "columns"], ["cols"]),
         node("Conv", ["cols", "W_1x1", "B"], ["Y"]),
     ]
-    consts["tap_y_"] = consts.pop("tap_y")[..., None]
-    consts["tap_x_"] = consts.pop("tap_x")[..., None]
     inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     composed = helper.make_model(
         helper.make_graph(nodes, "deform_conv_composed", [inputs[i] for i in (0, 2, 3, 4)], [output], inits),
