@@ -12,10 +12,13 @@ layers both have, its geometry branches are drawn (see `draw_geometry`), and
 the last norm of each residual branch is zero, so that activations stay in
 range through 50 random layers and the RPN keeps as many proposals as a
 trained model does (the counts are printed). Times are per image. In each
-round the candidates take turns (regular and DCNv2, eager then ONNX
+round the candidates take turns (regular then DCNv2 in eager, then in ONNX
 Runtime), so a busy phase of the machine costs each alike; the tables give
-the fastest and the median round, and the DCNv2 / regular ratio of the
-fastest rounds with its range over rounds. --breakdown adds where the time
+the fastest and the median round, the DCNv2 / regular ratio of the
+fastest rounds with its range over rounds, and the median of the rounds'
+ratios (a round runs each pair back to back, so a slow phase of a shared
+machine tends to slow both of a pair, while the fastest rounds of the two
+may come from different phases). --breakdown adds where the time
 goes: the stages of the eager detector, and ONNX Runtime's profile by
 operator type.
 
@@ -56,6 +59,8 @@ MODELS = {
     ),
     "demo": ("configs/demo/regular.yaml", "configs/demo/dcnv2.yaml", (128, 128)),
 }
+LABELS = ("regular", "DCNv2")
+RUNTIMES = ("eager", "ONNX Runtime")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -163,7 +168,7 @@ def bench(args, key):
     folder = tempfile.mkdtemp()
     candidates, exported = {}, {}
     for part in args.parts:
-        for label, exportable in zip(("regular", "DCNv2"), exportables):
+        for label, exportable in zip(LABELS, exportables):
             path = os.path.join(folder, f"{label}_{part}.onnx")
             start = time.perf_counter()
             if part == "backbone":
@@ -182,6 +187,9 @@ def bench(args, key):
             candidates[(part, label, "eager")] = lambda m=module, i=inputs: m(*i)
             candidates[(part, label, "ONNX Runtime")] = lambda s=session, i=inputs: run(s, *(t.numpy() for t in i))
             exported[(part, label)] = (path, [t.numpy() for t in inputs])
+    # Each regular / DCNv2 pair back to back: part, then runtime, then model.
+    order = [(part, label, runtime) for part in args.parts for runtime in RUNTIMES for label in LABELS]
+    candidates = {name: candidates[name] for name in order}
     times = defaultdict(list)
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -193,21 +201,24 @@ def bench(args, key):
             print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     print(f"\n## {key}: {size[0]}x{size[1]}, {args.threads} thread(s), {args.rounds} rounds, seconds per image")
-    print("| part | runtime | regular: fastest / median | DCNv2: fastest / median | DCNv2 / regular (range) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| part | runtime | regular: fastest / median | DCNv2: fastest / median | "
+        "DCNv2 / regular, fastest (range) | median of the rounds' ratios |"
+    )
+    print("|---|---|---|---|---|---|")
     results = {}
     for part in args.parts:
-        for runtime in ("eager", "ONNX Runtime"):
+        for runtime in RUNTIMES:
             reg, dcn = times[(part, "regular", runtime)], times[(part, "DCNv2", runtime)]
             per_round = [d / r for d, r in zip(dcn, reg)]
             (rf, rm), (df, dm) = fastest_and_median(reg), fastest_and_median(dcn)
             print(
                 f"| {part} | {runtime} | {rf:.3f} / {rm:.3f} | {df:.3f} / {dm:.3f} | "
-                f"{df / rf:.2f} ({min(per_round):.2f}-{max(per_round):.2f}) |"
+                f"{df / rf:.2f} ({min(per_round):.2f}-{max(per_round):.2f}) | {statistics.median(per_round):.2f} |"
             )
             results[f"{part} {runtime}"] = {"regular": reg, "DCNv2": dcn}
     if args.breakdown:
-        labels = ("regular", "DCNv2")
+        labels = LABELS
         with torch.no_grad():
             stages = {
                 label: [eager_stages(e, image) for _ in range(args.rounds)] for label, e in zip(labels, exportables)
