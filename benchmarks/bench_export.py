@@ -218,10 +218,9 @@ def bench(args, key):
             )
             results[f"{part} {runtime}"] = {"regular": reg, "DCNv2": dcn}
     if args.breakdown:
-        labels = LABELS
         with torch.no_grad():
             stages = {
-                label: [eager_stages(e, image) for _ in range(args.rounds)] for label, e in zip(labels, exportables)
+                label: [eager_stages(e, image) for _ in range(args.rounds)] for label, e in zip(LABELS, exportables)
             }
         print("\n### eager detector by stage, seconds (fastest of the rounds)")
         names = list(stages["regular"][0])
@@ -234,7 +233,7 @@ def bench(args, key):
             print(f"| {name} | {fmt.format(reg)} | {fmt.format(dcn)} |")
         for part in args.parts:
             print(f"\n### ONNX Runtime {part} by operator type, ms in one run")
-            profiles = {label: onnx_profile(*exported[(part, label)], args.threads) for label in labels}
+            profiles = {label: onnx_profile(*exported[(part, label)], args.threads) for label in LABELS}
             op_types = sorted(
                 set(profiles["regular"]) | set(profiles["DCNv2"]),
                 key=lambda t: -max(profiles["regular"].get(t, 0), profiles["DCNv2"].get(t, 0)),
@@ -242,7 +241,7 @@ def bench(args, key):
             print("| operator | regular | DCNv2 |")
             print("|---|---|---|")
             for op_type in op_types[:10]:
-                reg, dcn = (profiles[label].get(op_type, 0.0) for label in labels)
+                reg, dcn = (profiles[label].get(op_type, 0.0) for label in LABELS)
                 print(f"| {op_type} | {reg:.0f} | {dcn:.0f} |")
             print(f"| all | {sum(profiles['regular'].values()):.0f} | {sum(profiles['DCNv2'].values()):.0f} |")
     return results
